@@ -1,0 +1,213 @@
+"""The one typed config tree: dataclasses as OmegaConf structured configs.
+
+A run's config is: defaults (this file) <- stage preset (yaml, may name a `_base_` preset)
+<- dotted command-line overrides. Everything is validated before any process group or
+model exists; errors are `ConfigError` with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from unilip_ds.data.config import DataConfig
+from unilip_ds.models.config import ModelConfig
+from unilip_ds.tasks.config import ReconConfig
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message is one line that names the key."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "unilip"
+    output_dir: str = "runs/unilip"
+    task: str = "recon"  # which task object turns batches into losses
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    # 0 = micro_batch_size x grad_accum x world size; any other value must equal that
+    global_batch_size: int = 0
+    grad_clip: Optional[float] = 1.0
+    precision: str = "bf16"  # bf16 | fp32
+    log_every: int = 10
+    eval_every: int = 0  # 0 = no periodic evaluation
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 10000
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 1e-4
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = True
+    # decay at update t is min(max_decay, (1 + t) / (10 + t))
+    max_decay: float = 0.999
+    every_steps: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    keep_last: int = 3
+    resume: bool = True  # resume when run.output_dir already holds a checkpoint
+
+
+@dataclass
+class DeepSpeedConfig:
+    # path of a DeepSpeed JSON (ZeRO settings); `--ds_config` on the command line sets it.
+    # "auto" fields in it are filled from this tree.
+    config: str = "ds_configs/zero2.json"
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "unilip_ds"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    recon: ReconConfig = field(default_factory=ReconConfig)
+
+
+def _error(exc: OmegaConfBaseException) -> ConfigError:
+    key = getattr(exc, "full_key", None)
+    msg = str(exc).splitlines()[0]
+    return ConfigError(f"config key '{key}': {msg}" if key else f"config: {msg}")
+
+
+def preset_path(name: str) -> Path:
+    """A preset by name (unilip_ds/configs/<name>.yaml) or a path to a yaml file."""
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.is_file():
+            raise ConfigError(f"--config: no such file {name}")
+        return p
+    p = PRESET_DIR / f"{name}.yaml"
+    if not p.is_file():
+        known = sorted(q.stem for q in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"--config: unknown preset '{name}' (known: {', '.join(known)})")
+    return p
+
+
+def _load_preset(name: str, seen: tuple = ()) -> Any:
+    path = preset_path(name)
+    if str(path) in seen:
+        raise ConfigError(f"--config: _base_ cycle through {path}")
+    node = OmegaConf.load(path)
+    base = node.pop("_base_", None)
+    if base is None:
+        return node
+    base_node = _load_preset(str(path.parent / f"{base}.yaml") if not str(base).endswith(
+        (".yaml", ".yml")) else base, seen + (str(path),))
+    return OmegaConf.merge(base_node, node)
+
+
+def load_config(preset: Optional[str] = None, overrides: Optional[List[str]] = None,
+                world_size: Optional[int] = None) -> Config:
+    """Resolve defaults <- preset <- overrides, then validate. Returns a typed Config."""
+    schema = OmegaConf.structured(Config)
+    try:
+        if preset:
+            schema = OmegaConf.merge(schema, _load_preset(preset))
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"override '{item}': expected key=value")
+        schema = OmegaConf.merge(schema, OmegaConf.from_dotlist(list(overrides or [])))
+        OmegaConf.resolve(schema)
+        cfg: Config = OmegaConf.to_object(schema)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise _error(exc) from None
+    validate(cfg, world_size)
+    return cfg
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def validate(cfg: Config, world_size: Optional[int] = None) -> None:
+    """Consistency checks that types alone cannot express."""
+    world = world_size if world_size is not None else env_world_size()
+    t = cfg.train
+    if t.max_steps < 1:
+        raise ConfigError(f"config key 'train.max_steps': must be >= 1, got {t.max_steps}")
+    if t.micro_batch_size < 1:
+        raise ConfigError(f"config key 'train.micro_batch_size': must be >= 1, got {t.micro_batch_size}")
+    if t.grad_accum < 1:
+        raise ConfigError(f"config key 'train.grad_accum': must be >= 1, got {t.grad_accum}")
+    expect = t.micro_batch_size * t.grad_accum * world
+    if t.global_batch_size not in (0, expect):
+        raise ConfigError(
+            f"config key 'train.global_batch_size': {t.global_batch_size} != micro_batch_size "
+            f"{t.micro_batch_size} x grad_accum {t.grad_accum} x world size {world} = {expect}")
+    if t.grad_clip is None or t.grad_clip <= 0:
+        raise ConfigError("config key 'train.grad_clip': gradient clipping is required (> 0)")
+    if t.precision not in ("bf16", "fp32"):
+        raise ConfigError(f"config key 'train.precision': bf16 or fp32, got '{t.precision}'")
+    o = cfg.optim
+    if o.lr <= 0:
+        raise ConfigError(f"config key 'optim.lr': must be > 0, got {o.lr}")
+    if not 0 <= o.min_lr <= o.lr:
+        raise ConfigError(f"config key 'optim.min_lr': must be in [0, optim.lr], got {o.min_lr}")
+    if len(o.betas) != 2:
+        raise ConfigError("config key 'optim.betas': two values expected")
+    if cfg.checkpoint.every_steps < 1:
+        raise ConfigError("config key 'checkpoint.every_steps': must be >= 1")
+    if cfg.checkpoint.keep_last < 1:
+        raise ConfigError("config key 'checkpoint.keep_last': must be >= 1")
+    if cfg.wandb.mode not in ("offline", "online", "disabled"):
+        raise ConfigError(f"config key 'wandb.mode': offline, online or disabled, got '{cfg.wandb.mode}'")
+    if not 0 <= cfg.ema.max_decay < 1:
+        raise ConfigError("config key 'ema.max_decay': must be in [0, 1)")
+    if cfg.data.num_workers < 0:
+        raise ConfigError("config key 'data.num_workers': must be >= 0")
+    if cfg.model.flavor not in ("tiny", "1b", "2b"):
+        raise ConfigError(f"config key 'model.flavor': tiny, 1b or 2b, got '{cfg.model.flavor}'")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore
+
+
+def from_dict(d: dict) -> Config:
+    """A config saved by `to_dict` (e.g. inside a checkpoint or export)."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), d))  # type: ignore
+    except OmegaConfBaseException as exc:
+        raise _error(exc) from None

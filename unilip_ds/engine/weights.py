@@ -1,0 +1,125 @@
+"""Loading and saving weights whether or not parameters are ZeRO-3 partitioned.
+
+Modules built under `deepspeed.zero.Init` hold empty partitions; reading or writing their
+full values goes through `GatheredParameters`. These helpers hide that so task and model
+code stays single-device code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Dict, Iterable, Mapping, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+def is_partitioned(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_id")
+
+
+def gathered(params: Iterable[torch.Tensor], modifier_rank: Optional[int] = None):
+    """Context giving full values of (possibly) ZeRO-3 partitioned params; with
+    `modifier_rank`, writes made on that rank are scattered back on exit."""
+    params = [p for p in params if is_partitioned(p)]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def _tensors(module: nn.Module) -> Dict[str, torch.Tensor]:
+    out = dict(module.named_parameters(remove_duplicate=False))
+    out.update(dict(module.named_buffers(remove_duplicate=False)))
+    return out
+
+
+class WeightsMismatch(ValueError):
+    """Keys or shapes of a weights file do not fit the module."""
+
+
+def load_state_dict_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                         strict: bool = True, what: str = "weights") -> None:
+    """Copy `state_dict` into `module` (partitioned or not). With `strict`, missing or
+    unexpected keys and any shape mismatch raise WeightsMismatch naming them."""
+    targets = _tensors(module)
+    missing = sorted(set(targets) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(targets))
+    if strict and (missing or unexpected):
+        raise WeightsMismatch(
+            f"{what}: {len(missing)} missing keys (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+    for name, src in state_dict.items():
+        if name not in targets:
+            continue
+        dst = targets[name]
+        shape = tuple(dst.ds_shape) if is_partitioned(dst) else tuple(dst.shape)
+        if tuple(src.shape) != shape:
+            raise WeightsMismatch(f"{what}: shape of '{name}' is {tuple(src.shape)}, "
+                                  f"the model has {shape}")
+    # gather per top-level child so a large model is never whole on one device at once
+    chunks = [{f"{n}.{k}": t for k, t in _tensors(c).items()} for n, c in module.named_children()]
+    seen = {k for c in chunks for k in c}
+    chunks.append({k: t for k, t in targets.items() if k not in seen})
+    for chunk in chunks:
+        params = [t for t in chunk.values() if isinstance(t, nn.Parameter)]
+        with gathered(params, modifier_rank=0), torch.no_grad():
+            for k, dst in chunk.items():
+                if k in state_dict:
+                    dst.data.copy_(state_dict[k].to(dtype=dst.dtype, device=dst.device))
+
+
+def full_state_dict(module: nn.Module, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
+    """A full CPU copy of `module`'s parameters and persistent buffers."""
+    out: Dict[str, torch.Tensor] = {}
+    params = dict(module.named_parameters())
+    with gathered(params.values()):
+        for k, v in module.state_dict().items():
+            t = params[k] if k in params else v
+            out[k] = t.detach().to("cpu", dtype=dtype if (dtype and t.is_floating_point()) else t.dtype).clone()
+    return out
+
+
+def read_weights_dir(path: str | Path) -> Dict[str, torch.Tensor]:
+    """All tensors of a save_pretrained-style directory: one *.safetensors file or the
+    shards listed by a *.safetensors.index.json."""
+    path = Path(path)
+    if path.is_file():
+        return load_file(str(path))
+    index = sorted(path.glob("*.safetensors.index.json"))
+    if index:
+        files = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
+    else:
+        files = [f.name for f in sorted(path.glob("*.safetensors"))]
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {path}")
+    sd: Dict[str, torch.Tensor] = {}
+    for f in files:
+        sd.update(load_file(str(path / f)))
+    return sd
+
+
+def write_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | Path,
+                      metadata: Optional[Dict[str, str]] = None) -> None:
+    # safetensors refuses tensors that share storage: store contiguous copies
+    save_file({k: v.detach().contiguous().clone() for k, v in state_dict.items()}, str(path),
+              metadata=metadata or {"format": "pt"})
+
+
+def save_component(component: nn.Module, out_dir: str | Path) -> None:
+    """Write one component: library classes (transformers / diffusers) in their
+    save_pretrained layout, anything else as a config-less model.safetensors."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if hasattr(component, "save_pretrained"):
+        component.save_pretrained(str(out_dir), safe_serialization=True)
+    else:
+        write_safetensors(full_state_dict(component), out_dir / "model.safetensors")
+
+
+def load_component(component: nn.Module, path: str | Path, strict: bool = True) -> None:
+    """Inverse of save_component (any save_pretrained safetensors layout)."""
+    load_state_dict_into(component, read_weights_dir(path), strict=strict, what=str(path))
