@@ -44,6 +44,9 @@ class TrainConfig:
     grad_clip: Optional[float] = 1.0
     precision: str = "bf16"  # bf16 | fp32
     log_every: int = 10
+    # stop (after writing a checkpoint) once this process has run this many steps;
+    # 0 = run to max_steps. For time-limited jobs: the next job resumes.
+    stop_after: int = 0
     eval_every: int = 0  # 0 = no periodic evaluation
 
 

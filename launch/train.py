@@ -1,0 +1,68 @@
+"""Train a stage:
+
+    python launch/train.py --config recon_stage1 [key=value ...]
+    torchrun --nproc_per_node 8 launch/train.py --config recon_stage1 ...
+    deepspeed --num_gpus 8 launch/train.py --config gen_stage2 --ds_config ds_configs/zero3.json
+    python launch/train.py --config recon_stage2 --dry-run [--json] [--world-size 64]
+    python launch/train.py --config recon_stage1 --print-config
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from unilip_ds.config import ConfigError, load_config, to_yaml  # noqa: E402
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None, help="stage preset name or yaml path")
+    ap.add_argument("--ds_config", "--ds-config", default=None,
+                    help="DeepSpeed JSON (sets deepspeed.config)")
+    ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="build on the meta device; print parameter counts and memory")
+    ap.add_argument("--json", action="store_true", help="with --dry-run: one JSON object")
+    ap.add_argument("--world-size", type=int, default=None, help="with --dry-run: GPUs to size for")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                    help=argparse.SUPPRESS)  # passed by the deepspeed launcher; env has it too
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    return ap.parse_intermixed_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    overrides = list(args.overrides)
+    if args.ds_config:
+        overrides.append(f"deepspeed.config={args.ds_config}")
+    world = args.world_size if args.dry_run and args.world_size else int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        cfg = load_config(args.config, overrides, world_size=world)
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        from unilip_ds.engine.ds_config import check_ds_config
+        ds_raw = check_ds_config(cfg, cfg.deepspeed.config, world)
+        if args.dry_run:
+            from unilip_ds.dryrun import dry_run, format_report
+            rep = dry_run(cfg, ds_raw, world)
+            print(json.dumps(rep) if args.json else format_report(rep))
+            return 0
+        from unilip_ds.trainer import Trainer, prepare
+        ds_raw = prepare(cfg, cfg.deepspeed.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    trainer = Trainer(cfg, ds_raw)
+    trainer.train()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

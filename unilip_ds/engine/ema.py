@@ -1,0 +1,86 @@
+"""EMA of trainable weights, held in fp32, that works under ZeRO-3.
+
+Under ZeRO-3 each rank keeps the EMA of its own partition (`p.ds_tensor`), so the EMA
+costs 4 bytes x trainable params / world size per GPU; otherwise every rank holds the full
+shadow. `consolidate` reassembles full tensors from the per-rank states offline (export).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from unilip_ds.engine.weights import is_partitioned
+
+
+def _local(p: nn.Parameter) -> torch.Tensor:
+    return p.ds_tensor if is_partitioned(p) else p.data
+
+
+class EMA:
+    def __init__(self, module: nn.Module, max_decay: float = 0.999):
+        self.max_decay = max_decay
+        self.updates = 0
+        self.params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        self.partitioned = any(is_partitioned(p) for p in self.params.values())
+        self.shadow = {n: _local(p).detach().float().clone() for n, p in self.params.items()}
+
+    def decay(self) -> float:
+        t = self.updates
+        return min(self.max_decay, (1 + t) / (10 + t))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        d = self.decay()
+        for n, p in self.params.items():
+            self.shadow[n].lerp_(_local(p).float(), 1.0 - d)
+        self.updates += 1
+
+    @contextlib.contextmanager
+    def applied(self):
+        """Temporarily put the EMA weights into the live module (evaluation)."""
+        backup = {n: _local(p).detach().clone() for n, p in self.params.items()}
+        with torch.no_grad():
+            for n, p in self.params.items():
+                _local(p).copy_(self.shadow[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    _local(p).copy_(backup[n])
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates, "max_decay": self.max_decay,
+                "partitioned": self.partitioned,
+                "shapes": {n: tuple(p.ds_shape) if is_partitioned(p) else tuple(p.shape)
+                           for n, p in self.params.items()},
+                "shadow": {n: t.cpu() for n, t in self.shadow.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state["shadow"]) != set(self.shadow):
+            raise ValueError("EMA state does not match the trainable parameters of the model")
+        self.updates = state["updates"]
+        for n, t in state["shadow"].items():
+            if t.shape != self.shadow[n].shape:
+                raise ValueError(f"EMA state: shape of '{n}' is {tuple(t.shape)}, "
+                                 f"expected {tuple(self.shadow[n].shape)}")
+            self.shadow[n].copy_(t)
+
+
+def consolidate(states: List[dict]) -> Dict[str, torch.Tensor]:
+    """Full EMA tensors from the states of all ranks (in rank order)."""
+    first = states[0]
+    if not first["partitioned"]:
+        return {n: t.clone() for n, t in first["shadow"].items()}
+    out = {}
+    for n, shape in first["shapes"].items():
+        flat = torch.cat([s["shadow"][n].reshape(-1) for s in states])
+        numel = 1
+        for d in shape:
+            numel *= d
+        out[n] = flat[:numel].reshape(shape).clone()
+    return out
