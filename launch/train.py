@@ -43,25 +43,35 @@ def main(argv=None) -> int:
         overrides.append(f"deepspeed.config={args.ds_config}")
     world = args.world_size if args.dry_run and args.world_size else int(os.environ.get("WORLD_SIZE", "1"))
     try:
+        # everything that can fail on user input fails here, before any process group or model
         cfg = load_config(args.config, overrides, world_size=world)
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
         from unilip_ds.engine.ds_config import check_ds_config
-        ds_raw = check_ds_config(cfg, cfg.deepspeed.config, world)
         if args.dry_run:
             from unilip_ds.dryrun import dry_run, format_report
-            rep = dry_run(cfg, ds_raw, world)
+            rep = dry_run(cfg, check_ds_config(cfg, cfg.deepspeed.config, world), world)
             print(json.dumps(rep) if args.json else format_report(rep))
             return 0
         from unilip_ds.trainer import Trainer, prepare
         ds_raw = prepare(cfg, cfg.deepspeed.config)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        Trainer(cfg, ds_raw).train()
+    except user_errors() as exc:  # bad config / data / checkpoint / weights: one line
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {exc}", file=sys.stderr)
         return 2
-    trainer = Trainer(cfg, ds_raw)
-    trainer.train()
     return 0
+
+
+def user_errors() -> tuple:
+    from unilip_ds.config import ConfigError
+    from unilip_ds.data import DataError
+    from unilip_ds.data.storage import StorageError
+    from unilip_ds.engine.checkpoint import CheckpointError
+    from unilip_ds.engine.weights import WeightsMismatch
+    return (ConfigError, DataError, StorageError, CheckpointError, WeightsMismatch,
+            FileNotFoundError)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -147,7 +148,12 @@ def load_config(preset: Optional[str] = None, overrides: Optional[List[str]] = N
         for item in overrides or []:
             if "=" not in item:
                 raise ConfigError(f"override '{item}': expected key=value")
-        schema = OmegaConf.merge(schema, OmegaConf.from_dotlist(list(overrides or [])))
+            try:
+                schema = OmegaConf.merge(schema, OmegaConf.from_dotlist([item]))
+            except yaml.YAMLError as exc:
+                hint = " (quote brace patterns: 'key=[\"shard-{0..9}.tar\"]')" if "{" in item else ""
+                raise ConfigError(f"override '{item}': not a valid value: "
+                                  f"{str(exc).splitlines()[0]}{hint}") from None
         OmegaConf.resolve(schema)
         cfg: Config = OmegaConf.to_object(schema)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:

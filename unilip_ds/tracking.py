@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -45,7 +46,7 @@ class Tracker:
         if cfg.wandb.mode != "disabled":
             import wandb
             os.environ.setdefault("WANDB_SILENT", "true")
-            self.run_id = run_id or wandb.util.generate_id()
+            self.run_id = run_id or uuid.uuid4().hex[:12]
             self.wandb = wandb.init(
                 project=cfg.wandb.project, entity=cfg.wandb.entity,
                 name=cfg.wandb.name or cfg.run.name, id=self.run_id, resume="allow",

@@ -47,6 +47,11 @@ def prepare(cfg: Config, ds_config_path: str) -> Dict[str, Any]:
     """Everything that can fail on user input, before any process group or model."""
     ds_raw = check_ds_config(cfg, ds_config_path, dist.world_size())
     check_output_dir(cfg)
+    from unilip_ds.data.config import split_sources
+    from unilip_ds.data.shards import list_shards
+    for which in ("train",) + (("eval",) if cfg.data.eval.urls or cfg.data.eval.sources else ()):
+        for source in split_sources(getattr(cfg.data, which), which):
+            list_shards(source.urls, cfg.data)  # a missing path or no shards: one line, now
     return ds_raw
 
 
@@ -80,7 +85,7 @@ class Trainer:
 
         from unilip_ds.data import SkipTracker, build_eval_batches, build_train_loader
         self.loader = build_train_loader(cfg, self.rank, self.world)
-        self.skips = SkipTracker(cfg.data.max_skip_rate)
+        self.skips = SkipTracker.from_config(cfg)  # worker counters resume with the stream
         self.eval_batches = build_eval_batches if cfg.train.eval_every and cfg.data.eval.urls else None
 
         self.step = 0
@@ -90,7 +95,6 @@ class Trainer:
             self.step = state["meta"]["step"]
             run_id = state["meta"].get("wandb_run_id")
             self.loader.load_state_dict(state["data"])
-            self.skips.load_state_dict(state.get("skips", {}))
             if self.ema is not None:  # below ZeRO-3 the EMA is the same on every rank
                 self.ema.load_state_dict(state["ema"] if "ema" in state else
                                          checkpoint.rank_state(self.out, tag, 0)["ema"])
@@ -187,7 +191,7 @@ class Trainer:
 
     def save(self) -> None:
         t0 = time.perf_counter()
-        rank_state = {"data": self.loader.state_dict(), "skips": self.skips.state_dict()}
+        rank_state = {"data": self.loader.state_dict()}
         if self.ema is not None and (self.ema.partitioned or self.rank == 0):
             rank_state["ema"] = self.ema.state_dict()
         meta = {"wandb_run_id": self.tracker.run_id, "config": to_dict(self.cfg),

@@ -23,6 +23,10 @@ def model_init_context(raw_ds: Dict[str, Any], cfg: Config, world_size: int):
     if zero_stage(raw_ds) != 3:
         return contextlib.nullcontext()
     import deepspeed
+    # these run tensor code at import time that zero.Init's patched constructors break
+    import diffusers  # noqa: F401
+    import torch._dynamo  # noqa: F401
+    import transformers  # noqa: F401
     from transformers.integrations import HfDeepSpeedConfig
     global _HF_DS_CONFIG
     ds = build_ds_config(cfg, raw_ds, world_size, cfg.optim.lr)

@@ -1,0 +1,67 @@
+"""Run the real entry points (launch/*.py) in subprocesses, the way users do."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def env(extra: Optional[dict] = None) -> dict:
+    e = dict(os.environ)
+    e.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    e.setdefault("DS_ACCELERATOR", "cpu")
+    e.setdefault("HF_HUB_OFFLINE", "1")
+    e["OMP_NUM_THREADS"] = "1"
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(k, None)
+    e.update(extra or {})
+    return e
+
+
+def tiny_recon_args(out: Path, shards: str, steps: int = 4, ds: str = "ds_configs/zero2.json",
+                    extra: Optional[List[str]] = None) -> List[str]:
+    """recon_stage1 on the tiny flavor, small enough for a CPU step."""
+    return ["--config", "recon_stage1", "--ds_config", ds,
+            "model.flavor=tiny", "model.perceptual_pretrained=false",
+            f"run.output_dir={out}", f"data.train.urls=[{shards}]", "data.num_workers=1",
+            "data.shuffle_buffer=8", "data.resolution=224",
+            f"train.max_steps={steps}", "train.micro_batch_size=2", "train.log_every=1",
+            "optim.warmup_steps=2", "checkpoint.every_steps=2", "wandb.mode=offline",
+            *(extra or [])]
+
+
+def run(script: str, args: List[str], nproc: int = 1, launcher: str = "python",
+        timeout: int = 600, extra_env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    if launcher == "python":
+        cmd = [sys.executable, script]
+    elif launcher == "torchrun":
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port",
+               str(_port()), script]
+    elif launcher == "deepspeed":
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(_port()), script]
+    else:
+        raise ValueError(launcher)
+    t0 = time.time()
+    proc = subprocess.run(cmd + args, cwd=REPO, env=env(extra_env), capture_output=True, text=True,
+                          timeout=timeout)
+    print(f"[{launcher} x{nproc}] {script} took {time.time() - t0:.1f}s, rc={proc.returncode}")
+    return proc
+
+
+def _port() -> int:
+    from unilip_ds.engine.dist import free_port
+    return free_port()
+
+
+def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    if proc.returncode != 0:
+        raise AssertionError(f"rc={proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n"
+                             f"--- stderr\n{proc.stderr[-6000:]}")
+    return proc

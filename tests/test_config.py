@@ -1,0 +1,95 @@
+"""Config tree, DeepSpeed JSON filling, and the CLI's one-line errors."""
+
+import json
+
+import pytest
+
+from tests.launch_util import run
+from unilip_ds.config import ConfigError, load_config
+from unilip_ds.engine.ds_config import build_ds_config, load_json
+
+
+def test_defaults_preset_and_overrides():
+    cfg = load_config("recon_stage2", ["optim.lr=3e-4", "train.max_steps=7"])
+    assert cfg.optim.lr == 3e-4 and cfg.train.max_steps == 7
+    assert cfg.recon.distill_weight == 1.0  # from the preset
+    assert cfg.run.task == "recon"
+    cfg448 = load_config("recon_stage2_448")  # _base_: recon_stage2
+    assert cfg448.data.resolution == 448 and cfg448.recon.distill_weight == 1.0
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["train.nope=1"], "train.nope"),
+    (["train.max_steps=abc"], "train.max_steps"),
+    (["train.global_batch_size=7"], "train.global_batch_size"),
+    (["train.grad_clip=null"], "train.grad_clip"),
+    (["train.precision=fp16"], "train.precision"),
+    (["optim.min_lr=1.0"], "optim.min_lr"),
+    (["data.train.urls=[/d/shard-{0..9}.tar]"], "quote brace patterns"),
+])
+def test_bad_values_name_the_key(overrides, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert key in str(e.value) and "\n" not in str(e.value)
+
+
+def test_global_batch_uses_world_size():
+    load_config(None, ["train.micro_batch_size=2", "train.grad_accum=3",
+                       "train.global_batch_size=24"], world_size=4)
+    with pytest.raises(ConfigError, match="world size 2"):
+        load_config(None, ["train.micro_batch_size=2", "train.grad_accum=3",
+                           "train.global_batch_size=24"], world_size=2)
+
+
+def test_ds_config_auto_filled_and_contradictions(tmp_path):
+    cfg = load_config(None, ["train.micro_batch_size=3", "train.grad_accum=2",
+                             "train.precision=fp32", "train.grad_clip=0.5"])
+    ds = build_ds_config(cfg, load_json("ds_configs/zero3_offload.json"), 4, lr=2e-4)
+    assert ds["train_batch_size"] == 24 and ds["train_micro_batch_size_per_gpu"] == 3
+    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] is False
+    assert ds["optimizer"]["params"]["lr"] == 2e-4
+    assert ds["optimizer"]["params"]["betas"] == [0.9, 0.999]
+    assert ds["zero_optimization"]["stage"] == 3  # ZeRO settings kept
+    raw = load_json("ds_configs/zero2.json")
+    raw["gradient_clipping"] = 2.0
+    with pytest.raises(ConfigError, match="gradient_clipping"):
+        build_ds_config(cfg, raw, 4, lr=1e-4)
+    raw = load_json("ds_configs/zero2.json")
+    raw["zero_optimization"] = {"stage": 0, "offload_optimizer": {"device": "cpu"}}
+    with pytest.raises(ConfigError, match="offload"):
+        build_ds_config(cfg, raw, 4, lr=1e-4)
+    raw = load_json("ds_configs/zero2.json")
+    raw["scheduler"] = {"type": "WarmupCosineLR", "params": {}}
+    ds = build_ds_config(cfg, raw, 1, lr=1e-4)
+    assert ds["scheduler"]["params"]["total_num_steps"] == cfg.train.max_steps
+
+
+def _cli_error(args, tmp_path):
+    proc = run("launch/train.py", args)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    return lines[0]
+
+
+def test_cli_errors_are_one_line_before_anything_starts(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    out = tmp_path / "run"
+    assert "train.grad_clip" in _cli_error(
+        ["--config", "recon_stage1", "train.grad_clip=null", f"run.output_dir={out}"], tmp_path)
+    assert "does not parse" in _cli_error(
+        ["--config", "recon_stage1", "--ds_config", str(bad), f"run.output_dir={out}"], tmp_path)
+    off0 = tmp_path / "off0.json"
+    off0.write_text(json.dumps({"zero_optimization": {"stage": 0,
+                                                      "offload_optimizer": {"device": "cpu"}}}))
+    assert "offload" in _cli_error(["--config", "recon_stage1", "--ds_config", str(off0)], tmp_path)
+    assert "unknown preset" in _cli_error(["--config", "no_such_stage"], tmp_path)
+    assert not out.exists()  # nothing was created
+
+
+def test_print_config():
+    proc = run("launch/train.py", ["--config", "recon_stage2", "--print-config", "optim.lr=5e-5"])
+    assert proc.returncode == 0, proc.stderr
+    assert "lr: 5.0e-05" in proc.stdout and "distill_weight: 1.0" in proc.stdout

@@ -1,0 +1,121 @@
+"""The training core end to end, through launch/train.py and launch/export.py as users
+run them: 2 processes over gloo under ZeRO-2 (deepspeed launcher) and ZeRO-3 (torchrun),
+plain `python` at world size 1, exact resume, export -> reload, bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.launch_util import check, run, tiny_recon_args
+from unilip_ds.config import from_dict
+from unilip_ds.engine import checkpoint
+from unilip_ds.engine.export import consolidated
+from unilip_ds.tasks.base import MAIN, build_task
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from unilip_ds.data.sample_images import write_caption_tars
+    d = tmp_path_factory.mktemp("shards")
+    write_caption_tars(d, count=24, per_tar=6, size=256)
+    return str(d)
+
+
+def _metrics(out: Path):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_zero2_deepspeed_launcher_bf16_and_export(shards, tmp_path):
+    out = tmp_path / "run"
+    check(run("launch/train.py", tiny_recon_args(out, shards, steps=4, ds="ds_configs/zero2.json",
+                                                 extra=["checkpoint.keep_last=1"]),
+              nproc=2, launcher="deepspeed"))
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for key in ("loss/mse", "loss/lpips", "loss/total", "lr/model", "grad_norm/model",
+                "samples_per_s", "step_time_s", "data_wait_frac", "data/skipped/bad_image"):
+        assert all(key in r for r in rows), key
+    assert rows[0]["lr/model"] == pytest.approx(0.5e-4)  # warmup step 1 of 2
+    assert rows[-1]["data/read"] >= 4 * 2 * 2
+    assert checkpoint.latest_tag(out) == "step_00000004"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_00000004"]
+    assert list((out / "wandb").glob("offline-run-*"))
+
+    # export -> reload through model.init_from's path equals the live (checkpointed) weights
+    for ema in (True, False):
+        exp = tmp_path / f"export_ema{ema}"
+        check(run("launch/export.py", ["--run", str(out), "--out", str(exp)] + ([] if ema else ["--no-ema"])))
+        info = json.loads((exp / "export.json").read_text())
+        assert info["weights"] == ("ema" if ema else "raw") and info["step"] == 4
+        cfg, live, _ = consolidated(out, use_ema=ema)
+        task = build_task(cfg)
+        modules = task.build_modules()
+        task.init_from(modules, str(exp))
+        reloaded = modules[MAIN].state_dict()
+        comps = task.export_components(modules[MAIN])
+        exported = {id(p) for c in comps.values() for p in c.parameters()}
+        n = 0
+        for name, p in modules[MAIN].named_parameters():
+            if id(p) in exported:
+                assert torch.equal(reloaded[name].float(), live[name].float()), name
+                n += 1
+        assert n > 0
+    proc = run("launch/export.py", ["--run", str(out), "--out", str(exp)])
+    assert proc.returncode == 2 and "not empty" in proc.stderr  # never overwrites
+
+
+def _resume_args(out, shards, extra=()):
+    return tiny_recon_args(out, shards, steps=4, ds="ds_configs/zero3.json",
+                           extra=["train.precision=fp32", "data.log_keys=true", *extra])
+
+
+def test_zero3_resume_is_bit_identical(shards, tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    check(run("launch/train.py", _resume_args(full, shards), nproc=2, launcher="torchrun"))
+    check(run("launch/train.py", _resume_args(split, shards, ["train.stop_after=2"]),
+              nproc=2, launcher="torchrun"))
+    assert checkpoint.latest_tag(split) == "step_00000002"
+    # a crash in the middle of the next save: a partial directory, `latest` not moved
+    partial = split / "checkpoints" / "step_00000003"
+    (partial / "model").mkdir(parents=True)
+    (partial / "rank00000.pt").write_bytes(b"truncated")
+    run_id = checkpoint.read_meta(split, "step_00000002")["wandb_run_id"]
+    proc = check(run("launch/train.py", _resume_args(split, shards), nproc=2, launcher="torchrun"))
+    assert "resumed from" in proc.stdout and "step_00000002" in proc.stdout
+
+    for ema in (False, True):
+        a, b = consolidated(full, ema)[1], consolidated(split, ema)[1]
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), f"weights differ (ema={ema})"
+    ma, mb = _metrics(full), _metrics(split)
+    assert [r["step"] for r in mb] == [1, 2, 3, 4]  # appended across the resume
+    for ra, rb in zip(ma, mb):
+        assert ra["loss/total"] == rb["loss/total"]
+    assert checkpoint.read_meta(split, "step_00000004")["wandb_run_id"] == run_id
+    for r in (0, 1):  # the data stream resumed exactly: same keys, same order
+        ka = (full / "keys" / f"rank{r}.jsonl").read_text()
+        kb = (split / "keys" / f"rank{r}.jsonl").read_text()
+        assert ka == kb and len(ka.splitlines()) == 4
+
+
+def test_plain_python_world_size_1_and_incompatible_run_dir(shards, tmp_path):
+    out = tmp_path / "run"
+    check(run("launch/train.py", tiny_recon_args(out, shards, steps=2, extra=["wandb.mode=disabled"])))
+    meta = checkpoint.read_meta(out, "step_00000002")
+    assert meta["world_size"] == 1 and from_dict(meta["config"]).train.max_steps == 2
+    before = (out / "config.yaml").read_text()
+    proc = run("launch/train.py", tiny_recon_args(out, shards, steps=2, extra=["model.flavor=1b"]))
+    assert proc.returncode == 2 and "belongs to a run with model.flavor='tiny'" in proc.stderr
+    assert (out / "config.yaml").read_text() == before
+
+
+def test_missing_and_empty_data_are_one_line_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for spec, msg in (('"%s"' % (tmp_path / "nope" / "x-{0..3}.tar"), "does not exist"),
+                      (tmp_path / "empty", "no *.tar")):
+        proc = run("launch/train.py", tiny_recon_args(tmp_path / "run", str(spec)))
+        assert proc.returncode == 2 and msg in proc.stderr, proc.stderr[-2000:]
+        assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
