@@ -47,6 +47,7 @@ def prepare(cfg: Config, ds_config_path: str) -> Dict[str, Any]:
     """Everything that can fail on user input, before any process group or model."""
     ds_raw = check_ds_config(cfg, ds_config_path, dist.world_size())
     check_output_dir(cfg)
+    build_task(cfg).check_inputs()
     from unilip_ds.data.config import split_sources
     from unilip_ds.data.shards import list_shards
     for which in ("train",) + (("eval",) if cfg.data.eval.urls or cfg.data.eval.sources else ()):
@@ -113,6 +114,8 @@ class Trainer:
         counts: Dict[str, int] = defaultdict(int)
         window = {"time": 0.0, "wait": 0.0, "steps": 0}
         first = self.step
+        if self.eval_batches is not None and self.step == 0:
+            self.evaluate()  # the baseline the run improves on
         while self.step < cfg.train.max_steps:
             t_step = time.perf_counter()
             self.task.set_train_mode(self.modules)

@@ -32,8 +32,12 @@ def gathered(params: Iterable[torch.Tensor], modifier_rank: Optional[int] = None
 
 
 def _tensors(module: nn.Module) -> Dict[str, torch.Tensor]:
+    """Parameters and persistent buffers: exactly the keys of module.state_dict()."""
     out = dict(module.named_parameters(remove_duplicate=False))
-    out.update(dict(module.named_buffers(remove_duplicate=False)))
+    for mname, sub in module.named_modules(remove_duplicate=False):
+        for bname, buf in sub.named_buffers(recurse=False):
+            if buf is not None and bname not in sub._non_persistent_buffers_set:
+                out[f"{mname}.{bname}" if mname else bname] = buf
     return out
 
 

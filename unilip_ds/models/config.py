@@ -15,3 +15,10 @@ class ModelConfig:
     dcae_path: Optional[str] = None
     # activation checkpointing in encoder and decoder
     grad_checkpointing: bool = False
+    # frozen perceptual-loss networks: published weight files (torchvision vgg16 .pth,
+    # lpips weights/v0.1/vgg.pth, torchvision convnext_small .pth). With
+    # perceptual_pretrained all three must exist; without, they stay random (tests only).
+    perceptual_pretrained: bool = False
+    vgg_path: Optional[str] = None
+    lpips_path: Optional[str] = None
+    convnext_path: Optional[str] = None

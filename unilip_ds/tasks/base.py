@@ -68,6 +68,10 @@ class Task(ABC):
         (it may run on the meta device or under deepspeed.zero.Init). Frozen parts live
         inside these modules with requires_grad=False (they get no optimizer state)."""
 
+    def check_inputs(self) -> None:
+        """Check the files the config names (pretrained weights...) before any process
+        group exists; raise ConfigError with one line. Not called for a dry run."""
+
     def load_pretrained(self, modules: Mapping[str, nn.Module]) -> None:
         """Load real weights from the paths in the config (not called for a dry run)."""
 

@@ -1,0 +1,56 @@
+"""Entry points the trainer uses: the resumable train loader and held-out batches."""
+
+from __future__ import annotations
+
+import warnings
+from typing import List, Optional
+
+import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from unilip_ds.data.config import DataConfig, DataSplitConfig, check_data_config, split_sources
+from unilip_ds.data.stream import MixtureStream, eval_batches
+
+from unilip_ds.data.shards import list_shards
+
+
+def _sources_and_shards(cfg: DataConfig, split: DataSplitConfig, which: str):
+    sources = split_sources(split, which)
+    return sources, [list_shards(list(s.urls), cfg) for s in sources]
+
+
+def build_train_loader(cfg, rank: int = 0, world_size: int = 1,
+                       batch_size: Optional[int] = None) -> StatefulDataLoader:
+    """The rank's infinite stream of task-homogeneous micro-batches.
+
+    `loader.state_dict()` after k batches, given to `load_state_dict()` of a loader built
+    the same way, continues with batch k+1 exactly (same keys, same pixels).
+    """
+    data: DataConfig = cfg.data
+    check_data_config(data)
+    sources, shards = _sources_and_shards(data, data.train, "train")
+    dataset = MixtureStream(sources, shards, data, batch_size or cfg.train.micro_batch_size,
+                            seed=cfg.run.seed, rank=rank, world_size=world_size)
+    workers = data.num_workers
+    with warnings.catch_warnings():  # torchdata calls a deprecated torch API at init
+        warnings.filterwarnings("ignore", message=".*set_vital.*")
+        return StatefulDataLoader(
+            dataset,
+            batch_size=None,  # the stream batches itself (task-homogeneous)
+            num_workers=workers,
+            prefetch_factor=data.prefetch_factor if workers else None,
+            # the state travels with every batch: resuming never replays (decodes) batches
+            snapshot_every_n_steps=1,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=False,
+        )
+
+
+def build_eval_batches(cfg, rank: int = 0, world_size: int = 1,
+                       max_batches: int = 8, batch_size: Optional[int] = None) -> List[dict]:
+    """Deterministic held-out batches from data.eval (no shuffle, centred crops, no flips)."""
+    data: DataConfig = cfg.data
+    check_data_config(data)
+    sources, shards = _sources_and_shards(data, data.eval, "eval")
+    return eval_batches(sources, shards, data, batch_size or cfg.train.micro_batch_size,
+                        rank, world_size, max_batches)

@@ -1,0 +1,390 @@
+"""The resumable training stream: a stateful IterableDataset of ready batches.
+
+Served by torchdata's StatefulDataLoader (batch_size=None), which calls state_dict() /
+load_state_dict() inside each worker. Layout of the stream of one worker:
+
+- Every source has its own shard order per epoch: a permutation seeded by
+  (seed, source, epoch) of its shards x repeats, split across ranks x workers by
+  striding (global worker g of N takes entries g, g+N, ...). Every sample of an epoch
+  goes to exactly one worker.
+- Shuffle: a source reads `shuffle_buffer` raw samples (bytes, never decoded) as a
+  block and emits them in an order seeded by (seed, source, rank, worker, block). The
+  block's content is a pure function of its start position, so the resume state is
+  positions only: (epoch, shard, sample offset) of the block start, the block number and
+  the index inside the block. Resuming re-reads one block's bytes (at most about one shard
+  plus the block) and decodes nothing that was already emitted.
+- Mixing: batch b of worker w first draws its task from an RNG seeded by
+  (seed, b*W + w) alone, so that every rank trains the same task at the same step; then
+  each sample draws its source among that task's sources by weight.
+- Augmentation randomness (crops, flips) comes from an RNG seeded by the batch position,
+  so a resumed run produces the same pixels too.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import tarfile
+from typing import Callable, Deque, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys
+
+from unilip_ds.data.config import DataConfig, DataError, SourceConfig
+from unilip_ds.data.decode import Decoder, SampleError
+from unilip_ds.data.skips import SkipStats
+from unilip_ds.data.storage import StorageError, open_shard
+
+log = logging.getLogger(__name__)
+
+Cursor = Tuple[int, int, int]  # (epoch, index in this worker's shard list, sample offset)
+
+
+SkipFn = Callable[[str, str], None]  # (reason, detail)
+_ZERO_BLOCKS = 1024  # a tar ends with two zero 512-byte blocks
+_READ = 64 << 10  # tarfile slices its buffer per read: larger chunks cost copies
+
+
+class _TailReader:
+    """Counts the bytes read and keeps the last few reads, to check how a tar ended."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.count = 0
+        self.members = 0
+        self.chunks: Deque[bytes] = collections.deque(maxlen=3)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.count += len(data)
+        self.chunks.append(data)
+        return data
+
+    def tail(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+def _tar_files(reader: _TailReader, url: str) -> Iterator[dict]:
+    """(fname, data) of the regular members, then checks the archive ended properly.
+
+    tarfile's stream reader ends silently at a truncated or invalid header after the first
+    member; a real end is a zero header followed by another zero block, so everything from
+    the header that ended iteration to the end of the object must be zeros (>= 1 KiB).
+    """
+    try:
+        # plain tars only: the end check compares raw byte offsets
+        # stream mode reads in `bufsize` chunks (64 KiB: as fast as webdataset's reader)
+        tf = tarfile.open(fileobj=reader, mode="r|", bufsize=_READ)  # type: ignore[call-overload]
+        for info in tf:
+            if not info.isreg() or info.name.rsplit("/", 1)[-1].startswith("__"):
+                continue
+            data = tf.extractfile(info).read()  # type: ignore[union-attr]
+            if len(data) != info.size:
+                raise tarfile.ReadError(f"member {info.name} is cut short")
+            reader.members += 1
+            yield {"fname": info.name, "data": data, "__url__": url}
+            tf.members = []  # stream mode: do not keep every header in memory
+        end = tf.offset
+        tail = reader.tail()
+        buffered = reader.count - end  # bytes read past the header that ended iteration
+        after = (tail[-buffered:] if 0 < buffered <= len(tail) else b"") + reader.raw.read()
+        if buffered < 0 or buffered > len(tail) or len(after) < _ZERO_BLOCKS \
+                or after.strip(b"\0"):
+            raise tarfile.ReadError(f"archive ends without its end marker at byte {end} "
+                                    f"({len(after)} bytes follow): cut short or a corrupt header")
+    except Exception:
+        yield {}  # group_by_keys: hand out the last complete sample before the break
+        raise
+
+
+def iter_shard(url: str, cfg: Optional[DataConfig], on_skip: Optional[SkipFn]) -> Iterator[dict]:
+    """Raw samples (dicts of bytes by extension, plus __key__/__url__) of one tar shard.
+
+    An unreadable shard or a broken tar ends the shard; it is reported to `on_skip` and
+    never raised (samples before the break are kept).
+    """
+    def skip(reason: str, detail: str) -> None:
+        if on_skip is not None:
+            on_skip(reason, detail)
+
+    try:
+        stream = open_shard(url, cfg)
+    except StorageError as exc:
+        skip("shard_unreadable", str(exc))
+        return
+    n = 0
+    reader = _TailReader(stream)
+    try:
+        for sample in group_by_keys(_tar_files(reader, url), handler=_reraise):
+            n += 1
+            yield sample
+    except StorageError as exc:
+        skip("shard_unreadable", str(exc))
+    except (tarfile.TarError, ValueError, EOFError, OSError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        # no member readable: not a tar (or empty); else it broke mid-way
+        skip("shard_unreadable" if reader.members == 0 and "end marker" not in first
+             else "tar_corrupt", f"after {n} samples: {first}")
+    finally:
+        stream.close()
+
+
+def _reraise(exc: Exception) -> bool:
+    raise exc
+
+
+class SourceStream:
+    """Shuffled raw samples of one source for one worker, resumable by position."""
+
+    def __init__(self, index: int, src: SourceConfig, shards: Sequence[str], cfg: DataConfig,
+                 seed: int, global_worker: int, num_global_workers: int,
+                 stats: SkipStats):
+        self.index = index
+        self.name = src.name
+        self.shards = list(shards)
+        self.repeats = src.repeats
+        self.cfg = cfg
+        self.seed = seed
+        self.g = global_worker
+        self.n = num_global_workers
+        self.block_size = cfg.shuffle_buffer
+        self.stats = stats
+        if len(self.shards) * self.repeats < self.n:
+            raise DataError(
+                f"data: source '{self.name}' has {len(self.shards)} shard(s) x {self.repeats} "
+                f"repeat(s) for {self.n} readers (ranks x data.num_workers); write more, "
+                f"smaller shards or use fewer workers")
+        # position: start of the current block, its number, samples emitted from it
+        self.start: Cursor = (0, 0, 0)
+        self.block_no = 0
+        self.emitted = 0
+        self.reread = 0  # raw samples re-read to get back into position (this process)
+        self._counting = True
+
+    def _on_skip(self, url: str) -> SkipFn:
+        def report(reason: str, detail: str) -> None:
+            # a block re-read on resume was counted when it was first read
+            if self._counting:
+                self.stats.skip(reason, f"shard {url} of source '{self.name}'", detail)
+        return report
+
+    # -- shard order -------------------------------------------------------------------
+    def worker_shards(self, epoch: int) -> List[str]:
+        order = np.random.default_rng([self.seed, self.index, epoch]).permutation(
+            len(self.shards) * self.repeats)
+        return [self.shards[i % len(self.shards)] for i in order[self.g::self.n]]
+
+    def _raw(self, cursor: Cursor) -> Iterator[Tuple[Cursor, dict]]:
+        """(cursor, sample) from `cursor` on, across epochs, forever."""
+        epoch, pos, offset = cursor
+        while True:
+            urls = self.worker_shards(epoch)
+            full_epoch, found = pos == 0 and offset == 0, 0
+            for p in range(pos, len(urls)):
+                for i, sample in enumerate(iter_shard(urls[p], self.cfg, self._on_skip(urls[p]))):
+                    if i < offset:  # getting back into position: bytes only
+                        self.reread += 1
+                        continue
+                    found += 1
+                    yield (epoch, p, i), sample
+                offset = 0
+            if full_epoch and not found:
+                raise DataError(f"data: source '{self.name}': no readable sample in any of "
+                                f"the {len(urls)} shard(s) of worker {self.g} in epoch {epoch}")
+            epoch, pos = epoch + 1, 0
+
+    # -- shuffled samples --------------------------------------------------------------
+    def samples(self) -> Iterator[dict]:
+        raw = self._raw(self.start)
+        while True:
+            resuming = self.emitted > 0
+            self._counting = not resuming  # counted when this block was first read
+            block: List[dict] = []
+            last: Cursor = self.start
+            for cur, sample in itertools.islice(raw, self.block_size):
+                if not block:
+                    self.start = cur
+                block.append(sample)
+                last = cur
+                if resuming:
+                    self.reread += 1
+                else:
+                    self.stats.read += 1
+            self._counting = True
+            if resuming:
+                log.info("data: source '%s' of worker %d back at block %d, sample %d, after "
+                         "re-reading %d raw samples (nothing decoded)", self.name, self.g,
+                         self.block_no, self.emitted, self.reread)
+            order = np.random.default_rng(
+                [self.seed, self.index, self.g, self.block_no]).permutation(len(block))
+            for j in range(self.emitted, len(block)):
+                if j == len(block) - 1:
+                    # block done: the next one starts after its last sample
+                    self.start = (last[0], last[1], last[2] + 1)
+                    self.block_no += 1
+                    self.emitted = 0
+                else:
+                    self.emitted = j + 1
+                yield block[order[j]]
+
+    def state_dict(self) -> dict:
+        return {"start": list(self.start), "block_no": self.block_no, "emitted": self.emitted}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start = tuple(int(x) for x in state["start"])  # type: ignore[assignment]
+        self.block_no = int(state["block_no"])
+        self.emitted = int(state["emitted"])
+
+
+class MixtureStream(IterableDataset):
+    """Task-homogeneous batches from weighted sources, for one rank.
+
+    Iterating yields dicts: decoded fields (see decode.Decoder), "__key__", "__task__",
+    "__source__" (per sample) and "__stats__" (the worker's cumulative counters).
+    """
+
+    def __init__(self, sources: Sequence[SourceConfig], shards: Sequence[Sequence[str]],
+                 cfg: DataConfig, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1):
+        self.sources = list(sources)
+        self.shards = [list(s) for s in shards]
+        self.cfg = cfg
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.tasks = sorted({s.task for s in self.sources})
+        self.task_weight = np.array([sum(s.weight for s in self.sources if s.task == t)
+                                     for t in self.tasks])
+        self.decoders = {t: Decoder(t, cfg.resolution, train=True, random_flip=cfg.random_flip)
+                         for t in self.tasks}
+        self._pending: Optional[dict] = None
+        self._owner: Optional[Tuple[int, int]] = None  # (pid, worker) the streams belong to
+
+    # -- per-worker setup --------------------------------------------------------------
+    def _ensure_built(self) -> None:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        if self._owner == (os.getpid(), worker):
+            return
+        self.worker, self.num_workers = worker, num_workers
+        n = self.world_size * self.num_workers
+        g = self.rank * self.num_workers + self.worker
+        self.stats = SkipStats()
+        self.streams = [SourceStream(i, s, sh, self.cfg, self.seed, g, n, self.stats)
+                        for i, (s, sh) in enumerate(zip(self.sources, self.shards))]
+        self.batch_no = 0
+        self._owner = (os.getpid(), worker)
+        if self._pending is not None:
+            self._restore(self._pending)
+            self._pending = None
+
+    def _restore(self, state: dict) -> None:
+        layout = (self.rank, self.world_size, self.worker, self.num_workers)
+        saved = tuple(state["layout"])
+        if saved != layout:
+            raise DataError(f"data: resume state is for (rank, world_size, worker, num_workers) "
+                            f"= {saved}, this run has {layout}; resume with the same layout")
+        names = [s.name for s in self.sources]
+        if sorted(state["sources"]) != sorted(names):
+            raise DataError(f"data: resume state has sources {sorted(state['sources'])}, "
+                            f"config has {sorted(names)}")
+        self.batch_no = int(state["batch_no"])
+        self.stats.load_state_dict(state["stats"])
+        for s in self.streams:
+            s.load_state_dict(state["sources"][s.name])
+
+    def state_dict(self) -> dict:
+        self._ensure_built()
+        return {
+            "layout": [self.rank, self.world_size, self.worker, self.num_workers],
+            "batch_no": self.batch_no,
+            "sources": {s.name: s.state_dict() for s in self.streams},
+            "stats": self.stats.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        # applied when the worker builds its streams (worker info is known only there)
+        self._pending = state
+        self._owner = None
+
+    # -- iteration ---------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict]:
+        self._ensure_built()
+        return self._batches()
+
+    def _batches(self) -> Iterator[dict]:
+        gens = [s.samples() for s in self.streams]
+        by_task = {t: [i for i, s in enumerate(self.sources) if s.task == t] for t in self.tasks}
+        probs = {t: np.array([self.sources[i].weight for i in idx]) for t, idx in by_task.items()}
+        probs = {t: p / p.sum() for t, p in probs.items()}
+        task_p = self.task_weight / self.task_weight.sum()
+        while True:
+            b = self.batch_no
+            # same task on every rank at the same step (ranks step in lockstep)
+            task_rng = np.random.default_rng([self.seed, 1, b * self.num_workers + self.worker])
+            task = self.tasks[int(task_rng.choice(len(self.tasks), p=task_p))]
+            rng = np.random.default_rng([self.seed, 2, self.rank, self.worker, b])
+            decoder = self.decoders[task]
+            items, keys, names = [], [], []
+            while len(items) < self.batch_size:
+                i = by_task[task][int(rng.choice(len(by_task[task]), p=probs[task]))]
+                raw = next(gens[i])
+                try:
+                    items.append(decoder(raw, rng))
+                except SampleError as exc:
+                    self.stats.skip(exc.reason, f"sample {raw['__key__']} of {raw['__url__']}",
+                                    exc.detail)
+                    continue
+                self.stats.decoded += 1
+                keys.append(raw["__key__"])
+                names.append(self.sources[i].name)
+            self.batch_no = b + 1
+            batch = decoder.collate(items, keys)
+            batch["__source__"] = names
+            batch["__stats__"] = {
+                "worker": self.worker, **self.stats.state_dict(),
+                "reread": sum(s.reread for s in self.streams)}
+            yield batch
+
+
+def eval_batches(sources: Sequence[SourceConfig], shards: Sequence[Sequence[str]],
+                 cfg: DataConfig, batch_size: int, rank: int, world_size: int,
+                 max_batches: int) -> List[dict]:
+    """Deterministic held-out batches: rank r reads shards r, r+world, ... in order,
+    centred crops, no flips; bad samples are skipped (and counted in __stats__)."""
+    out: List[dict] = []
+    stats = SkipStats()
+    for src, urls in zip(sources, shards):
+        decoder = Decoder(src.task, cfg.resolution, train=False)
+        items, keys = [], []
+        for url in urls[rank::world_size]:
+            on_skip = (lambda reason, detail, url=url: stats.skip(reason, f"shard {url}", detail))
+            for raw in iter_shard(url, cfg, on_skip):
+                stats.read += 1
+                try:
+                    items.append(decoder(raw))
+                except SampleError as exc:
+                    stats.skip(exc.reason, f"sample {raw['__key__']} of {url}", exc.detail)
+                    continue
+                stats.decoded += 1
+                keys.append(raw["__key__"])
+                if len(items) == batch_size:
+                    batch = decoder.collate(items, keys)
+                    batch["__source__"] = [src.name] * len(keys)
+                    batch["__stats__"] = {"worker": 0, **stats.state_dict(), "reread": 0}
+                    out.append(batch)
+                    items, keys = [], []
+                    if len(out) >= max_batches:
+                        return out
+        if items:  # a short last batch of the source
+            batch = decoder.collate(items, keys)
+            batch["__source__"] = [src.name] * len(keys)
+            batch["__stats__"] = {"worker": 0, **stats.state_dict(), "reread": 0}
+            out.append(batch)
+            if len(out) >= max_batches:
+                return out
+    return out

@@ -1,0 +1,1 @@
+"""Inference entry points (reconstruct, generate, edit)."""

@@ -1,0 +1,96 @@
+"""Model flavors: the dimensions of the UniLIP autoencoder and its discriminator.
+
+`tiny` is random and small enough for a CPU step in tests; `1b` / `2b` carry the real
+dimensions (InternViT-300M-448px + Qwen2.5 0.5B / 1.5B widths, DC-AE f32c32 SANA decoder),
+so real weights from `model.internvl_path` / `model.dcae_path` fit them exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Tuple
+
+
+@dataclass(frozen=True)
+class Flavor:
+    name: str
+    vision: Dict[str, Any]  # InternVLVisionConfig kwargs
+    text: Dict[str, Any]  # Qwen2 config kwargs (only hidden_size matters to the autoencoder)
+    dcae: Dict[str, Any]  # AutoencoderDC config kwargs (the decoder half is built)
+    disc_channels: int = 128
+    disc_mults: Tuple[int, ...] = (1, 2, 4, 4, 4)
+    disc_groups: int = 32
+    latent_channels: int = 32
+    downsample_ratio: float = 0.5
+    # perceptual nets: real widths (published weights) unless narrowed for the tiny flavor
+    vgg_width_div: int = 1
+    convnext_dims: Tuple[int, ...] = (96, 192, 384, 768)
+    convnext_depths: Tuple[int, ...] = (3, 3, 27, 3)
+    classifier_size: int = 224
+
+    @property
+    def d_llm(self) -> int:
+        return self.text["hidden_size"]
+
+
+# InternViT-300M-448px-V2.5, the vision tower of InternVL3-1B/2B (transformers layout)
+_INTERNVIT_300M = dict(
+    hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+    image_size=448, patch_size=14, attention_bias=True, use_qk_norm=False, norm_type="layer_norm",
+    layer_norm_eps=1e-6, layer_scale_init_value=0.1, use_mean_pooling=True, hidden_act="gelu")
+
+# mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers
+_DCAE_F32C32_SANA = dict(
+    in_channels=3, latent_channels=32, attention_head_dim=32,
+    encoder_block_types=["ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock",
+                         "EfficientViTBlock"],
+    decoder_block_types=["ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock",
+                         "EfficientViTBlock"],
+    encoder_block_out_channels=[128, 256, 512, 512, 1024, 1024],
+    decoder_block_out_channels=[128, 256, 512, 512, 1024, 1024],
+    encoder_layers_per_block=[2, 2, 2, 3, 3, 3], decoder_layers_per_block=[3, 3, 3, 3, 3, 3],
+    encoder_qkv_multiscales=[[], [], [], [5], [5], [5]], decoder_qkv_multiscales=[[], [], [], [5], [5], [5]],
+    upsample_block_type="interpolate", downsample_block_type="Conv", decoder_norm_types="rms_norm",
+    decoder_act_fns="silu", scaling_factor=0.41407)
+
+FLAVORS: Dict[str, Flavor] = {
+    "tiny": Flavor(
+        name="tiny",
+        vision=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                    image_size=224, patch_size=14, attention_bias=True, use_qk_norm=False,
+                    norm_type="layer_norm", layer_norm_eps=1e-6, layer_scale_init_value=0.1,
+                    use_mean_pooling=True, hidden_act="gelu"),
+        text=dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=1024),
+        # still x32 (six stages, five upsamplings), just narrow and one layer per stage
+        dcae=dict(_DCAE_F32C32_SANA, attention_head_dim=8,
+                  encoder_block_out_channels=[8, 8, 16, 16, 32, 32],
+                  decoder_block_out_channels=[8, 8, 16, 16, 32, 32],
+                  encoder_layers_per_block=[1, 1, 1, 1, 1, 1], decoder_layers_per_block=[1, 1, 1, 1, 1, 1]),
+        disc_channels=16, disc_mults=(1, 2, 2), disc_groups=8,
+        vgg_width_div=8, convnext_dims=(16, 32, 64, 128), convnext_depths=(1, 1, 1, 1), classifier_size=64),
+    "1b": Flavor(
+        name="1b", vision=_INTERNVIT_300M,
+        text=dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, vocab_size=151674),
+        dcae=_DCAE_F32C32_SANA),
+    "2b": Flavor(
+        name="2b", vision=_INTERNVIT_300M,
+        text=dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                  num_attention_heads=12, num_key_value_heads=2, vocab_size=151674),
+        dcae=_DCAE_F32C32_SANA),
+}
+
+
+def get_flavor(name: str) -> Flavor:
+    if name not in FLAVORS:
+        from unilip_ds.config import ConfigError
+        raise ConfigError(f"config key 'model.flavor': unknown flavor '{name}' (known: {', '.join(FLAVORS)})")
+    return FLAVORS[name]
+
+
+def internvl_config(flavor: Flavor):
+    """The transformers InternVLConfig whose vision path this flavor is."""
+    from transformers import InternVLConfig
+    return InternVLConfig(vision_config=dict(flavor.vision), text_config=dict(flavor.text),
+                          downsample_ratio=flavor.downsample_ratio, projector_hidden_act="gelu")
