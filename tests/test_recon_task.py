@@ -152,12 +152,14 @@ def test_export_init_from_roundtrip_and_teacher(tmp_path):
 
 
 def test_config_errors(tmp_path):
+    task = build_task(load_config("recon_stage1", ["model.flavor=tiny"], world_size=1))
     with pytest.raises(ConfigError, match="model.vgg_path"):
-        build_task(load_config("recon_stage1", ["model.flavor=tiny"], world_size=1))
+        task.check_inputs()  # named files are checked before training (not for a dry run)
     with pytest.raises(ConfigError, match="recon.distill_weight"):
         build_task(load_config("recon_stage1", BASE + ["recon.distill_weight=1.0"], world_size=1))
     with pytest.raises(ConfigError, match="model.dcae_path"):
-        build_task(load_config("recon_stage1", BASE + [f"model.dcae_path={tmp_path / 'x'}"], world_size=1))
+        build_task(load_config("recon_stage1", BASE + [f"model.dcae_path={tmp_path / 'x'}"],
+                               world_size=1)).check_inputs()
     task = build_task(load_config("recon_stage1", ["model.perceptual_pretrained=false"], world_size=1))
     with torch.device("meta"):
         mods = task.build_modules()

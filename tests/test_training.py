@@ -119,3 +119,29 @@ def test_missing_and_empty_data_are_one_line_errors(tmp_path):
         assert proc.returncode == 2 and msg in proc.stderr, proc.stderr[-2000:]
         assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_sigusr1_checkpoints_and_stops(shards, tmp_path):
+    """A scheduler's time-limit warning: checkpoint at the next step, exit 0, resume later."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.launch_util import REPO, env
+    out = tmp_path / "run"
+    args = tiny_recon_args(out, shards, steps=1000, extra=["wandb.mode=disabled",
+                                                            "checkpoint.every_steps=1000"])
+    proc = subprocess.Popen([sys.executable, "launch/train.py", *args], cwd=REPO, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    assert "stopping on signal SIGUSR1" in output
+    tag = checkpoint.latest_tag(out)
+    step = checkpoint.read_meta(out, tag)["step"]
+    assert 1 <= step < 1000 and _metrics(out)[-1]["step"] == step

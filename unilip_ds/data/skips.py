@@ -9,7 +9,7 @@ worker and stops the run once the skip rate passes `data.max_skip_rate`.
 from __future__ import annotations
 
 import logging
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Optional
 
 from unilip_ds.data.config import DataError
 
@@ -92,16 +92,17 @@ class SkipTracker:
         out["data/read"] = read
         return out
 
-    def rate(self) -> float:
-        t = self.totals()
+    def rate(self, totals: Optional[Mapping[str, float]] = None) -> float:
+        t = totals if totals is not None else self.totals()
         return skip_rate(t["data/read"], {k.rsplit("/", 1)[1]: v for k, v in t.items()
                                           if k.startswith("data/skipped/")})
 
-    def check(self) -> None:
-        t = self.totals()
+    def check(self, totals: Optional[Mapping[str, float]] = None) -> None:
+        """`totals`: counters summed over all ranks (so every rank decides alike)."""
+        t = totals if totals is not None else self.totals()
         if t["data/read"] < self.check_after:
             return
-        rate = self.rate()
+        rate = self.rate(t)
         if rate > self.max_skip_rate:
             worst = max(REASONS, key=lambda r: t[f"data/skipped/{r}"])
             raise DataError(

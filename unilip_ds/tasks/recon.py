@@ -247,7 +247,10 @@ class ReconTask(Task):
 
     def components(self, modules: Mapping[str, nn.Module]) -> Dict[str, nn.Module]:
         model = modules[MAIN]
-        out = {"encoder": model.unilip.vision, "adapter": model.unilip.adapter, "decoder": model.unilip.dcae,
+        vision = model.unilip.vision
+        out = {"encoder (InternViT)": vision.vision_tower,
+               "projector (mlp1)": vision.multi_modal_projector,
+               "adapter": model.unilip.adapter, "decoder (DC-AE)": model.unilip.dcae,
                "perceptual (frozen)": model.perceptual}
         if model.teacher is not None:
             out["teacher (frozen)"] = model.teacher
