@@ -1,15 +1,19 @@
 """Images/s of the recon data pipeline on this machine, all in one run.
 
     .venv/bin/python benchmarks/data_pipeline.py [--images 256] [--source-size 1024]
-        [--resolution 224] [--workers 2] [--batch 32] [--seconds 8]
+        [--resolution 224] [--workers 2] [--batch 32] [--seconds 5] [--rounds 3]
 
-Prints four figures for `--source-size` px JPEG sources decoded for `--resolution` px
-training, each with `--workers` loader workers:
-  1. the full recon pipeline (build_train_loader) from local shards;
+Builds `--images` JPEG sources of `--source-size` px and shards them with data_prep, then
+prints four figures for decoding them for `--resolution` px training, each with
+`--workers` loader workers:
+  1. the full recon pipeline (build_train_loader: uint8 (B,3,H,W) batches) from local
+     shards;
   2. the same from a local S3 server (SeaweedFS `weed mini`);
-  3. the limit: bare decode-and-resize of the same images in one process x workers;
+  3. the limit: bare decode-and-resize of the same images in one process x workers (the
+     pipeline's per-image work alone: reduced-scale decode, random crop resampled to the
+     resolution, flip, uint8 (3,H,W) output; bytes already in memory);
   4. a plain webdataset + PIL pipeline of the kind reference trainers use (full-size
-     decode, then resize / crop / flip, to tensor).
+     decode, then resize / crop / flip, to a float tensor).
 Targets: (1) >= 0.8 x (3), and (1) >= 2 x (4).
 """
 
@@ -32,24 +36,25 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data_prep.sharding import PrepConfig, run as prep  # noqa: E402
 from unilip_ds.config import Config  # noqa: E402
 from unilip_ds.data import build_train_loader  # noqa: E402
-from unilip_ds.data.decode import Decoder  # noqa: E402
-from unilip_ds.data.sample_images import jpeg_bytes, samples  # noqa: E402
+from unilip_ds.data.decode import load_image, resize_crop, write_chw  # noqa: E402
+from unilip_ds.data.sample_images import write_caption_folder  # noqa: E402
 from unilip_ds.data.seaweed import SeaweedS3  # noqa: E402
 
 
 def write_shards(root: Path, images: int, size: int, per_shard: int) -> List[Path]:
-    root.mkdir(parents=True, exist_ok=True)
-    items = [(s.key, jpeg_bytes(s.image, quality=90)) for s in samples(images, size=size)]
-    paths = []
-    for start in range(0, len(items), per_shard):
-        path = root / f"bench-{start // per_shard:06d}.tar"
-        with wds.TarWriter(str(path)) as w:
-            for key, data in items[start:start + per_shard]:
-                w.write({"__key__": key, "jpg": data, "txt": "a photo"})
-        paths.append(path)
-    return paths
+    """Shards as training reads them: an image + caption folder re-sharded by data_prep
+    (the same tool and tar layout as for BLIP3o: USTAR, jpg + txt + json members)."""
+    write_caption_folder(root / "src", images, size=size, quality=90)
+    manifest = prep(PrepConfig(srcs=[str(root / "src")], dst=str(root / "shards"), kind="t2i",
+                               shard_samples=per_shard, progress=False))
+    if manifest.samples != images:
+        raise SystemExit(f"data_prep kept {manifest.samples} of {images} images: "
+                         f"{manifest.skipped}")
+    shutil.rmtree(root / "src")
+    return sorted((root / "shards").glob("*.tar"))
 
 
 def measure(batches: Iterator, count: Callable[[object], int], seconds: float,
@@ -101,16 +106,24 @@ def recon_loader(urls: List[str], args) -> Iterator[dict]:
 
 
 def bare_decode_rate(paths: List[Path], args) -> Tuple[float, float]:
-    """One process, images already in memory: decode + resize + crop + flip only."""
+    """One process, encoded images already in memory, nothing but the per-image work the
+    pipeline does: reduced-scale decode, random crop resampled to the resolution, random
+    flip, written as uint8 (3,H,W) into one reused buffer."""
     data = [s["jpg"] for p in paths for s in wds.WebDataset(str(p), shardshuffle=False)]
-    dec = Decoder("recon", args.resolution, train=True)
+    res = args.resolution
+    out = np.empty((3, res, res), np.uint8)
     rng = np.random.default_rng(0)
+
+    def one(jpg: bytes) -> None:
+        img = load_image(jpg, res)
+        write_chw(resize_crop(img, res, rng, flip=bool(rng.integers(0, 2))), out)
+
     for d in data[:8]:
-        dec({"jpg": d}, rng)
+        one(d)
     me = psutil.Process()
     n, t0, c0 = 0, time.perf_counter(), sum(me.cpu_times()[:2])
     while time.perf_counter() - t0 < args.seconds:
-        dec({"jpg": data[n % len(data)]}, rng)
+        one(data[n % len(data)])
         n += 1
     # x workers: the rate of that many processes on as many free cores
     return (args.workers * n / (time.perf_counter() - t0),
@@ -154,7 +167,7 @@ def main() -> None:
     torch.set_num_threads(1)
 
     tmp = Path(tempfile.mkdtemp(prefix="unilip-bench-"))
-    paths = write_shards(tmp / "shards", args.images, args.source_size, args.per_shard)
+    paths = write_shards(tmp, args.images, args.source_size, args.per_shard)
     mb = sum(p.stat().st_size for p in paths) / 2**20
     print(f"{args.images} JPEG sources of {args.source_size} px ({mb:.0f} MiB in "
           f"{len(paths)} shards) -> {args.resolution} px, batch {args.batch}, "

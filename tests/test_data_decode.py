@@ -1,4 +1,4 @@
-"""Per-task decoding: reduced-scale JPEG decode, crops, flips, fields, bad bytes."""
+"""Per-task decoding: reduced-scale JPEG decode, crops, flips, uint8 batches, bad bytes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from unilip_ds.data.decode import Decoder, SampleError, load_image, resize_crop
+from unilip_ds.data.decode import Decoder, SampleError, load_image, resize_crop, write_chw
 
 
 def encode(arr: np.ndarray, fmt: str = "JPEG", **kw) -> bytes:
@@ -37,7 +37,7 @@ def test_large_jpeg_is_decoded_at_reduced_scale():
     assert img.size == (384, 256) and img.mode == "RGB"
     assert load_image(data, 300).size == (768, 512)  # 1/2: 1/4 would be too small
     # the reduced decode is as good as a full decode + resize
-    fast = resize_crop(img, 224, None)
+    fast = np.asarray(resize_crop(img, 224, None))
     full = Image.open(io.BytesIO(data)).convert("RGB")
     ref = np.asarray(full.resize((224, 224), Image.BICUBIC, box=(256, 0, 1280, 1024)))
     assert fast.shape == (224, 224, 3) and fast.dtype == np.uint8
@@ -50,33 +50,51 @@ def test_center_and_random_crops_of_the_shorter_side():
     arr[:, 40:80] = (0, 255, 0)   # middle green
     arr[:, 80:] = (0, 0, 255)     # right blue
     img = Image.fromarray(arr)
-    center = resize_crop(img, 20, None)
+    center = np.asarray(resize_crop(img, 20, None))
     assert center.shape == (20, 20, 3)
     assert (center[..., 1] > 200).all() and (center[..., 0] < 50).all()
     # random crops cover the whole range of offsets, deterministically per seed
-    crops = [resize_crop(img, 20, np.random.default_rng(s)) for s in range(40)]
+    crops = [np.asarray(resize_crop(img, 20, np.random.default_rng(s))) for s in range(40)]
     lefts = {tuple(c[10, 0]) for c in crops}
     assert len(lefts) > 3
-    again = [resize_crop(img, 20, np.random.default_rng(s)) for s in range(40)]
+    again = [np.asarray(resize_crop(img, 20, np.random.default_rng(s))) for s in range(40)]
     assert all(np.array_equal(a, b) for a, b in zip(crops, again))
 
 
-def test_recon_batch_layout_range_and_flips():
+def test_write_chw_is_the_transposed_image():
+    arr = np.random.default_rng(0).integers(0, 256, (12, 20, 3), dtype=np.uint8)
+    out = np.zeros((3, 12, 20), np.uint8)
+    write_chw(Image.fromarray(arr), out)
+    assert np.array_equal(out, arr.transpose(2, 0, 1))
+
+
+def test_recon_batch_layout_and_flips():
     arr = np.zeros((32, 32, 3), np.uint8)
     arr[:, :16] = 255  # left half white
+    arr[:, :, 2] = 77  # blue constant: channel order is visible
     dec = Decoder("recon", 32, train=True, random_flip=True)
     sample = {"__key__": "k", "png": encode(arr, "PNG")}
     outs = [dec(sample, np.random.default_rng(s))["image"] for s in range(16)]
-    flipped = [o[16, 2, 0] < 128 for o in outs]  # left edge dark => flipped
+    assert outs[0].dtype == torch.uint8 and outs[0].shape == (3, 32, 32)
+    assert (outs[0][2] == 77).all()
+    flipped = [o[0, 16, 2] < 128 for o in outs]  # left edge dark => flipped
     assert any(flipped) and not all(flipped)
-    batch = dec.collate([{"image": o} for o in outs[:3]], ["a", "b", "c"])
+    # a batch: uint8 (B,3,H,W), each slot exactly what the single-sample decode gives
+    batch_of = dec.new_batch(3)
+    for s, key in enumerate("abc"):
+        batch_of.add({**sample, "__key__": key}, np.random.default_rng(s))
+    assert batch_of.full
+    batch = batch_of.finish()
     img = batch["image"]
-    assert img.dtype == torch.float32 and img.shape == (3, 3, 32, 32)
-    assert float(img.min()) >= 0.0 and float(img.max()) <= 1.0
+    assert img.dtype == torch.uint8 and img.shape == (3, 3, 32, 32) and img.is_contiguous()
+    assert all(torch.equal(img[i], outs[i]) for i in range(3))
     assert batch["__key__"] == ["a", "b", "c"] and batch["__task__"] == "recon"
+    assert set(batch) == {"image", "__key__", "__task__"}
+    with pytest.raises(IndexError):
+        batch_of.add(sample)
     # eval: centred, never flipped, no rng needed
     ev = Decoder("recon", 32, train=False)(sample)["image"]
-    assert ev[16, 2, 0] == 255
+    assert ev[0, 16, 2] == 255
 
 
 def test_t2i_never_flips_and_keeps_caption():
@@ -86,7 +104,7 @@ def test_t2i_never_flips_and_keeps_caption():
     sample = {"__key__": "k", "png": encode(arr, "PNG"), "txt": b"  a dog on the left \n"}
     for s in range(8):
         out = dec(sample, np.random.default_rng(s))
-        assert out["image"][16, 2, 0] == 255
+        assert out["image"][0, 16, 2] == 255
         assert out["caption"] == "a dog on the left"
 
 
@@ -96,11 +114,29 @@ def test_edit_input_and_output_share_the_crop():
     dec = Decoder("edit", 24, train=True)
     out = dec({"__key__": "k", "input.png": data, "output.png": data, "txt": b"make it red"},
               np.random.default_rng(3))
-    assert np.array_equal(out["input_image"], out["image"])
+    assert torch.equal(out["input_image"], out["image"])
     assert out["instruction"] == "make it red"
-    batch = dec.collate([out, out], ["a", "b"])
+    builder = dec.new_batch(2)
+    for key in "ab":
+        builder.add({"__key__": key, "input.png": data, "output.png": data, "txt": b"red"})
+    batch = builder.finish()
     assert batch["input_image"].shape == batch["image"].shape == (2, 3, 24, 24)
-    assert batch["instruction"] == ["make it red"] * 2
+    assert batch["input_image"].dtype == batch["image"].dtype == torch.uint8
+    assert batch["instruction"] == ["red"] * 2 and batch["__task__"] == "edit"
+
+
+def test_a_failed_sample_leaves_the_batch_unchanged():
+    good = encode(smooth(40, 40), "PNG")
+    dec = Decoder("t2i", 16, train=False)
+    builder = dec.new_batch(4)
+    builder.add({"__key__": "a", "png": good, "txt": b"one"})
+    with pytest.raises(SampleError):
+        builder.add({"__key__": "bad", "png": b"junk", "txt": b"two"})
+    builder.add({"__key__": "c", "png": good, "txt": b"three"})
+    batch = builder.finish()  # short: only the two good samples
+    assert batch["__key__"] == ["a", "c"] and batch["caption"] == ["one", "three"]
+    assert batch["image"].shape == (2, 3, 16, 16)
+    assert torch.equal(batch["image"][1], dec({"png": good, "txt": b"x"})["image"])
 
 
 def test_grayscale_and_cmyk_become_rgb():
@@ -108,7 +144,7 @@ def test_grayscale_and_cmyk_become_rgb():
     assert load_image(gray, 16).mode == "RGB"
     buf = io.BytesIO()
     Image.fromarray(smooth(40, 40)).convert("CMYK").save(buf, "JPEG")
-    assert resize_crop(load_image(buf.getvalue(), 16), 16, None).shape == (16, 16, 3)
+    assert resize_crop(load_image(buf.getvalue(), 16), 16, None).size == (16, 16)
 
 
 @pytest.mark.parametrize("data", [

@@ -151,6 +151,8 @@ def test_resume_is_exact(shards, workers):
 
     assert keys_of(after) == keys_of(straight[k:])
     for a, b in zip(after, straight[k:]):
+        # uint8 (B,3,H,W) from the workers (built in shared memory there)
+        assert a["image"].dtype == torch.uint8 and a["image"].shape == (4, 3, RES, RES)
         assert torch.equal(a["image"], b["image"])  # same crops and flips too
         # nothing emitted before the stop was decoded again
         assert a["__stats__"]["decoded"] == b["__stats__"]["decoded"]
@@ -237,6 +239,7 @@ def test_eval_batches_deterministic_and_split_by_rank(shards):
     other = build_eval_batches(cfg, 1, 2, max_batches=10)
     assert keys_of(one) == keys_of(again)
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(one, again))
+    assert one[0]["image"].dtype == torch.uint8 and one[0]["image"].shape == (4, 3, RES, RES)
     k0, k1 = sum(keys_of(one), []), sum(keys_of(other), [])
     assert not set(k0) & set(k1)
     assert sorted(k0 + k1) == sorted(all_keys(shards["b"]))

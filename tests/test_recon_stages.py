@@ -26,13 +26,28 @@ from unilip_ds.engine import checkpoint
 from unilip_ds.engine.export import consolidated, export, raw_weights
 from unilip_ds.engine.weights import full_state_dict, read_weights_dir, save_component
 
-TINY = ["model.flavor=tiny"]
 IMAGE_TOKEN = "<IMG_CONTEXT>"
+GAN_KEYS = ("loss/gan_g", "loss/disc", "loss/lecam", "grad_norm/disc")
+# ReconModel key prefix of each export component's keys / perceptual weight file's keys
+EXPORT_PREFIX = {"vision": ("model.", "unilip.vision."), "adapter": ("", "unilip.adapter."),
+                 "decoder": ("", "unilip.dcae.")}
+PERCEPTUAL_PREFIX = {"vgg_path": "perceptual.lpips.vgg.", "lpips_path": "perceptual.lpips.heads.",
+                     "convnext_path": "perceptual.convnext."}
 
 
 # ---------------------------------------------------------------------------------------
 # assets: files in the real layouts
 # ---------------------------------------------------------------------------------------
+def bf16_exact(module):
+    """Round weights to bf16-representable values (as the published bf16 checkpoints are):
+    a bf16 run holds frozen weights in bf16, so only such values survive it bit for bit."""
+    with torch.no_grad():
+        for t in module.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(t.bfloat16().float())
+    return module
+
+
 def save_tiny_internvl(out: Path, seed: int = 0) -> Path:
     """A random tiny InternVLForConditionalGeneration in the -hf layout, with a word-level
     tokenizer that has InternVL's image / chat special tokens (real -hf repos ship one)."""
@@ -52,6 +67,7 @@ def save_tiny_internvl(out: Path, seed: int = 0) -> Path:
     config.image_token_id = vocab[IMAGE_TOKEN]  # within the tiny vocabulary
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(config).eval()
+    bf16_exact(model)
     model.save_pretrained(str(out))
     fast.save_pretrained(str(out))
     return out
@@ -63,7 +79,7 @@ def save_perceptual(out: Path, seed: int = 1) -> Dict[str, str]:
     from unilip_ds.models.perceptual import PerceptualNets
     f = get_flavor("tiny")
     torch.manual_seed(seed)
-    nets = PerceptualNets(f.vgg_width_div, f.convnext_dims, f.convnext_depths, f.classifier_size)
+    nets = bf16_exact(PerceptualNets(f.vgg_width_div, f.convnext_dims, f.convnext_depths, f.classifier_size))
     out.mkdir(parents=True, exist_ok=True)
     files = {"vgg_path": out / "vgg16.pth", "lpips_path": out / "lpips_vgg.pth",
              "convnext_path": out / "convnext_small.pth"}
@@ -79,8 +95,213 @@ def save_init_export(out: Path, internvl: Path, seed: int = 2) -> Path:
     from unilip_ds.models.flavors import get_flavor
     from unilip_ds.models.unilip import UniLIP, load_internvl_vision
     torch.manual_seed(seed)
-    unilip = UniLIP(get_flavor("tiny"))
+    unilip = bf16_exact(UniLIP(get_flavor("tiny")))
     load_internvl_vision(unilip.vision, internvl)
     for name, comp in unilip.export_components().items():
         save_component(comp, out / name)
     return out
+
+
+def export_weights(export_dir: Path) -> Dict[str, torch.Tensor]:
+    """An export's tensors under ReconModel's keys (unilip.*)."""
+    out = {}
+    for comp, (strip, prefix) in EXPORT_PREFIX.items():
+        for k, v in read_weights_dir(export_dir / comp).items():
+            out[prefix + k[len(strip):]] = v.float()
+    return out
+
+
+@dataclass
+class Assets:
+    shards: str
+    internvl: Path
+    perceptual: Dict[str, str]
+    init: Path
+    images: Path
+
+    def frozen_known(self) -> Dict[str, torch.Tensor]:
+        """ReconModel keys of the perceptual nets and the teacher, from the files."""
+        out = {}
+        for key, prefix in PERCEPTUAL_PREFIX.items():
+            out.update({prefix + k: v.float() for k, v in
+                        torch.load(self.perceptual[key], weights_only=True).items()})
+        for k, v in read_weights_dir(self.internvl).items():
+            if k.startswith(("model.vision_tower.", "model.multi_modal_projector.")):
+                out["teacher." + k[len("model."):]] = v.float()
+        return out
+
+    def args(self, preset: str, out: Path, zero: int, steps: int, *extra: str):
+        a = tiny_recon_args(out, self.shards, steps=steps, ds=f"ds_configs/zero{zero}.json", extra=[
+            "model.perceptual_pretrained=true", *(f"model.{k}={v}" for k, v in self.perceptual.items()),
+            *extra])
+        a[a.index("--config") + 1] = preset
+        return a
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Assets:
+    from unilip_ds.data.sample_images import load_photo, write_caption_tars
+    d = tmp_path_factory.mktemp("assets")
+    write_caption_tars(d / "shards", count=24, per_tar=6, size=256)
+    internvl = save_tiny_internvl(d / "InternVL3-tiny-hf")
+    (d / "images").mkdir()
+    for name in ("astronaut.png", "coffee.png", "chelsea.png"):
+        load_photo(name).save(d / "images" / name)
+    return Assets(str(d / "shards"), internvl, save_perceptual(d / "perceptual"),
+                  save_init_export(d / "init", internvl), d / "images")
+
+
+def metrics(run_dir: Path):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train(assets: Assets, preset: str, out: Path, zero: int, steps: int, *extra: str) -> Path:
+    launcher = "deepspeed" if zero == 2 else "torchrun"
+    check(run("launch/train.py", assets.args(preset, out, zero, steps, *extra), nproc=2, launcher=launcher))
+    return out
+
+
+def assert_unchanged(weights, known, what):
+    assert known, what
+    for k, v in known.items():
+        assert torch.equal(weights[k].float(), v), f"{what}: {k} changed"
+
+
+def assert_adam_steps(weights, start, lrs, scale_of):
+    """Every element moved by at most sum(lr_t) x its group's scale (Adam moves an element by
+    <= lr per step; 1% + 1e-7 slack for rounding), from `start` as the run held it (bf16)."""
+    for k, w0 in start.items():
+        bound = sum(lrs) * scale_of(k) * 1.01 + 1e-7
+        d = (weights[k].float() - w0.bfloat16().float()).abs().max().item()
+        assert d <= bound, f"{k}: moved {d:.3g} > {bound:.3g} from the init_from export"
+
+
+# ---------------------------------------------------------------------------------------
+# the chain, once per ZeRO stage
+# ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+def zero(request) -> int:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def stage1(assets, zero, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp(f"stage1_zero{zero}")
+    train(assets, "recon_stage1", d / "run", zero, 2, f"model.init_from={assets.init}")
+    export(d / "run", d / "export")
+    return d
+
+
+@pytest.fixture(scope="module")
+def stage2(assets, zero, stage1, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp(f"stage2_zero{zero}")
+    # GAN from 0-based step 1; a checkpoint per step, so the first step can be looked at
+    train(assets, "recon_stage2", d / "run", zero, 3, f"model.init_from={stage1 / 'export'}",
+          f"model.internvl_path={assets.internvl}", "recon.gan_start_step=1",
+          "checkpoint.every_steps=1", "checkpoint.keep_last=3")
+    export(d / "run", d / "export")
+    return d
+
+
+@pytest.fixture(scope="module")
+def stage448(assets, zero, stage2, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp(f"stage448_zero{zero}")
+    # the real 448 px (preset), micro batch 1: ~3 s a step for the tiny flavor on 2 cores
+    return train(assets, "recon_stage2_448", d / "run", zero, 2, f"model.init_from={stage2 / 'export'}",
+                 f"model.internvl_path={assets.internvl}", "train.micro_batch_size=1")
+
+
+def test_stage1_frozen_encoder_and_perceptual_exact_trainable_move(assets, stage1):
+    run_dir = stage1 / "run"
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("loss/distill",) + GAN_KEYS:
+        assert not any(key in r for r in rows), key
+    cfg, weights, _ = consolidated(run_dir, use_ema=False)
+    assert not cfg.recon.train_encoder and cfg.data.resolution == 224
+    assert not any(k.startswith("teacher.") for k in weights)
+    init = export_weights(assets.init)
+    frozen = {k: v for k, v in assets.frozen_known().items() if k.startswith("perceptual.")}
+    assert set(weights) == set(init) | set(frozen)  # every tensor has a known start
+    assert_unchanged(weights, frozen, "perceptual nets")
+    assert_unchanged(weights, {k: v for k, v in init.items() if k.startswith("unilip.vision.")},
+                     "frozen encoder + projector")
+    trainable = [k for k in init if not k.startswith("unilip.vision.")]
+    moved = [k for k in trainable if not torch.equal(weights[k].float(), init[k])]
+    assert moved == trainable, sorted(set(trainable) - set(moved))[:5]
+    assert list((run_dir / "checkpoints" / "step_00000002").glob("disc")) == []  # no GAN engine
+
+
+def test_stage2_encoder_lr_teacher_distill_gan_onset_init_from(assets, stage1, stage2):
+    run_dir = stage2 / "run"
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    # phases(step) sees the 0-based step about to run; rows carry the count of finished steps:
+    # gan_start_step=1 -> absent from row 1, present from row 2 on
+    for key in GAN_KEYS:
+        assert [key in r for r in rows] == [False, True, True], key
+    assert all("loss/distill" in r and "lr/disc" in r for r in rows)
+    # student and teacher start equal (stage 1 froze the encoder; the teacher is the
+    # InternVL checkpoint): exactly 0 at the first step, > 0 once the encoder moved
+    assert rows[0]["loss/distill"] == 0.0
+    assert 0 < rows[2]["loss/distill"] < 1e-4
+
+    _, weights, _ = consolidated(run_dir, use_ema=False)
+    assert_unchanged(weights, assets.frozen_known(), "teacher + perceptual nets")
+    start = export_weights(stage1 / "export")
+
+    # the first step, against the init_from export (as the bf16 run held it): with Adam
+    # every element moves by ~lr x its group's scale; the encoder + projector's is 0.1
+    lr1 = rows[0]["lr/model"]
+    first = raw_weights(checkpoint.ckpt_root(run_dir) / "step_00000001", "model")
+    scale = lambda k: 0.1 if k.startswith("unilip.vision.") else 1.0  # noqa: E731
+    assert_adam_steps(first, start, [lr1], scale)  # also: init_from reached every (partitioned) param
+    encoder = [k for k in start if k.startswith("unilip.vision.")]
+    rest = [k for k in start if k not in encoder]
+    for what, keys, s in (("encoder + projector", encoder, 0.1), ("adapter + decoder", rest, 1.0)):
+        d = torch.cat([(first[k].float() - start[k].bfloat16().float()).abs().flatten() for k in keys])
+        assert d.median().item() == pytest.approx(s * lr1, rel=0.02), what
+        assert (d > 0.5 * s * lr1).float().mean() > 0.8, what  # (tiny gradients: Adam's eps)
+    # the discriminator trains from its first phase on
+    disc = [raw_weights(checkpoint.ckpt_root(run_dir) / f"step_0000000{i}", "disc") for i in (1, 2)]
+    assert any(not torch.equal(disc[0][k], disc[1][k]) for k in disc[0] if k.startswith("disc."))
+
+
+def test_stage2_448_gan_from_start_teacher_fixed(assets, stage2, stage448):
+    rows = metrics(stage448)
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in GAN_KEYS + ("loss/distill",):
+        assert all(key in r for r in rows), key
+    cfg, weights, _ = consolidated(stage448, use_ema=False)
+    assert cfg.data.resolution == 448 and cfg.model.grad_checkpointing and cfg.recon.gan_start_step == 0
+    assert_unchanged(weights, assets.frozen_known(), "teacher + perceptual nets")
+    start = export_weights(stage2 / "export")
+    lrs = [r["lr/model"] for r in rows]
+    assert_adam_steps(weights, start, lrs, lambda k: 0.1 if k.startswith("unilip.vision.") else 1.0)
+    assert any(not torch.equal(weights[k].float(), start[k].bfloat16().float()) for k in start
+               if k.startswith("unilip.vision."))
+
+
+def test_frozen_parts_come_from_the_config_also_under_init_from(assets):
+    """The teacher is the original encoder (the student as it starts when no InternVL path is
+    given) and the perceptual nets carry the configured weights, on a fresh start and when
+    starting from an export (which holds neither). Single process, plain modules."""
+    from unilip_ds.config import load_config
+    from unilip_ds.tasks.base import MAIN, build_task
+    perceptual = {k: v for k, v in assets.frozen_known().items() if k.startswith("perceptual.")}
+    for init_from in (None, assets.init):
+        overrides = ["model.flavor=tiny", "model.perceptual_pretrained=true",
+                     *(f"model.{k}={v}" for k, v in assets.perceptual.items())]
+        task = build_task(load_config("recon_stage2", overrides, world_size=1))
+        torch.manual_seed(3)
+        model = task.build_modules()[MAIN]
+        if init_from is None:
+            task.load_pretrained({MAIN: model})
+        else:
+            task.init_from({MAIN: model}, str(init_from))
+        weights = model.state_dict()
+        assert_unchanged(weights, perceptual, f"perceptual nets (init_from={init_from})")
+        student = full_state_dict(model.unilip.vision)
+        teacher = full_state_dict(model.teacher)
+        assert student.keys() == teacher.keys()
+        assert all(torch.equal(student[k], teacher[k]) for k in student), f"teacher (init_from={init_from})"

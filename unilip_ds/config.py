@@ -48,7 +48,8 @@ class TrainConfig:
     # stop (after writing a checkpoint) once this process has run this many steps;
     # 0 = run to max_steps. For time-limited jobs: the next job resumes.
     stop_after: int = 0
-    eval_every: int = 0  # 0 = no periodic evaluation
+    eval_every: int = 0  # 0 = no periodic evaluation (on data.eval.urls, EMA weights)
+    eval_batches: int = 8  # held-out batches per evaluation
 
 
 @dataclass
@@ -185,6 +186,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         raise ConfigError("config key 'train.grad_clip': gradient clipping is required (> 0)")
     if t.precision not in ("bf16", "fp32"):
         raise ConfigError(f"config key 'train.precision': bf16 or fp32, got '{t.precision}'")
+    if t.eval_every and not (cfg.data.eval.urls or cfg.data.eval.sources):
+        raise ConfigError("config key 'train.eval_every': set, but data.eval.urls names no held-out shards")
     o = cfg.optim
     if o.lr <= 0:
         raise ConfigError(f"config key 'optim.lr': must be > 0, got {o.lr}")

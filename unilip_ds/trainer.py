@@ -102,7 +102,7 @@ class Trainer:
         from unilip_ds.data import SkipTracker, build_eval_batches, build_train_loader
         self.loader = build_train_loader(cfg, self.rank, self.world)
         self.skips = SkipTracker.from_config(cfg)  # worker counters resume with the stream
-        self.eval_batches = build_eval_batches if cfg.train.eval_every and cfg.data.eval.urls else None
+        self.eval_batches = build_eval_batches if cfg.train.eval_every else None
 
         self.step = 0
         run_id = None
@@ -171,7 +171,7 @@ class Trainer:
                 self._log(sums, counts, window, lrs)
                 sums.clear(), counts.clear()
                 window = {"time": 0.0, "wait": 0.0, "steps": 0}
-            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
+            if self.eval_batches is not None and self.step % cfg.train.eval_every == 0:
                 self.evaluate()
             if self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.train.max_steps \
                     or stop:
@@ -210,18 +210,15 @@ class Trainer:
         self.skips.check(totals)  # the same global figures on every rank: all stop together
 
     def evaluate(self) -> Dict[str, float]:
+        # every rank evaluates the same held-out batches: under ZeRO-3 each forward is a
+        # collective, so ranks must run the same forwards (the eval set is small)
         batches = [to_device(b, self.device) for b in
-                   self.eval_batches(self.cfg, self.rank, self.world, max_batches=8)]
+                   self.eval_batches(self.cfg, 0, 1, max_batches=self.cfg.train.eval_batches)]
         ctx = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
         with ctx, torch.no_grad():
-            for m in self.modules.values():
-                m.eval()
             metrics = self.task.evaluate(self.engines, batches)
-        keys = sorted(metrics)
-        vals = dist.all_reduce([float(metrics[k]) for k in keys], mean=True)
-        out = {f"eval/{k}": v for k, v in zip(keys, vals)}
-        self.tracker.log(self.step, out)
-        return out
+        self.tracker.log(self.step, metrics)
+        return metrics
 
     def save(self) -> None:
         t0 = time.perf_counter()

@@ -23,6 +23,10 @@ def build_train_loader(cfg, rank: int = 0, world_size: int = 1,
                        batch_size: Optional[int] = None) -> StatefulDataLoader:
     """The rank's infinite stream of task-homogeneous micro-batches.
 
+    Images come as uint8 (B,3,H,W) tensors ("image", and "input_image" for edit); the
+    trainer converts them to float in [0,1] on the device (4x less to move, no float work
+    in the workers). See decode.BatchBuilder for the batch layout.
+
     `loader.state_dict()` after k batches, given to `load_state_dict()` of a loader built
     the same way, continues with batch k+1 exactly (same keys, same pixels).
     """
@@ -48,7 +52,8 @@ def build_train_loader(cfg, rank: int = 0, world_size: int = 1,
 
 def build_eval_batches(cfg, rank: int = 0, world_size: int = 1,
                        max_batches: int = 8, batch_size: Optional[int] = None) -> List[dict]:
-    """Deterministic held-out batches from data.eval (no shuffle, centred crops, no flips)."""
+    """Deterministic held-out batches from data.eval (no shuffle, centred crops, no flips);
+    images as uint8 (B,3,H,W), as in the train batches."""
     data: DataConfig = cfg.data
     check_data_config(data)
     sources, shards = _sources_and_shards(data, data.eval, "eval")

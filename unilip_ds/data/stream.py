@@ -34,7 +34,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys
 
 from unilip_ds.data.config import DataConfig, DataError, SourceConfig
-from unilip_ds.data.decode import Decoder, SampleError
+from unilip_ds.data.decode import BatchBuilder, Decoder, SampleError
 from unilip_ds.data.skips import SkipStats
 from unilip_ds.data.storage import StorageError, open_shard
 
@@ -242,8 +242,9 @@ class SourceStream:
 class MixtureStream(IterableDataset):
     """Task-homogeneous batches from weighted sources, for one rank.
 
-    Iterating yields dicts: decoded fields (see decode.Decoder), "__key__", "__task__",
-    "__source__" (per sample) and "__stats__" (the worker's cumulative counters).
+    Iterating yields dicts: decoded fields (uint8 image tensors and text lists, see
+    decode.BatchBuilder), "__key__", "__task__", "__source__" (per sample) and "__stats__"
+    (the worker's cumulative counters).
     """
 
     def __init__(self, sources: Sequence[SourceConfig], shards: Sequence[Sequence[str]],
@@ -328,22 +329,24 @@ class MixtureStream(IterableDataset):
             task_rng = np.random.default_rng([self.seed, 1, b * self.num_workers + self.worker])
             task = self.tasks[int(task_rng.choice(len(self.tasks), p=task_p))]
             rng = np.random.default_rng([self.seed, 2, self.rank, self.worker, b])
-            decoder = self.decoders[task]
-            items, keys, names = [], [], []
-            while len(items) < self.batch_size:
-                i = by_task[task][int(rng.choice(len(by_task[task]), p=probs[task]))]
+            builder = self.decoders[task].new_batch(self.batch_size)
+            candidates, p = by_task[task], probs[task]
+            names = []
+            while not builder.full:
+                # a single source needs no draw (and keeps the rng for the crops)
+                i = candidates[int(rng.choice(len(candidates), p=p))] \
+                    if len(candidates) > 1 else candidates[0]
                 raw = next(gens[i])
                 try:
-                    items.append(decoder(raw, rng))
+                    builder.add(raw, rng)
                 except SampleError as exc:
                     self.stats.skip(exc.reason, f"sample {raw['__key__']} of {raw['__url__']}",
                                     exc.detail)
                     continue
                 self.stats.decoded += 1
-                keys.append(raw["__key__"])
                 names.append(self.sources[i].name)
             self.batch_no = b + 1
-            batch = decoder.collate(items, keys)
+            batch = builder.finish()
             batch["__source__"] = names
             batch["__stats__"] = {
                 "worker": self.worker, **self.stats.state_dict(),
@@ -358,33 +361,32 @@ def eval_batches(sources: Sequence[SourceConfig], shards: Sequence[Sequence[str]
     centred crops, no flips; bad samples are skipped (and counted in __stats__)."""
     out: List[dict] = []
     stats = SkipStats()
+
+    def finish(builder: BatchBuilder, src: SourceConfig) -> bool:
+        """Appends the batch; True once max_batches are out."""
+        batch = builder.finish()
+        batch["__source__"] = [src.name] * len(builder)
+        batch["__stats__"] = {"worker": 0, **stats.state_dict(), "reread": 0}
+        out.append(batch)
+        return len(out) >= max_batches
+
     for src, urls in zip(sources, shards):
         decoder = Decoder(src.task, cfg.resolution, train=False)
-        items, keys = [], []
+        builder = decoder.new_batch(batch_size)
         for url in urls[rank::world_size]:
             on_skip = (lambda reason, detail, url=url: stats.skip(reason, f"shard {url}", detail))
             for raw in iter_shard(url, cfg, on_skip):
                 stats.read += 1
                 try:
-                    items.append(decoder(raw))
+                    builder.add(raw)
                 except SampleError as exc:
                     stats.skip(exc.reason, f"sample {raw['__key__']} of {url}", exc.detail)
                     continue
                 stats.decoded += 1
-                keys.append(raw["__key__"])
-                if len(items) == batch_size:
-                    batch = decoder.collate(items, keys)
-                    batch["__source__"] = [src.name] * len(keys)
-                    batch["__stats__"] = {"worker": 0, **stats.state_dict(), "reread": 0}
-                    out.append(batch)
-                    items, keys = [], []
-                    if len(out) >= max_batches:
+                if builder.full:
+                    if finish(builder, src):
                         return out
-        if items:  # a short last batch of the source
-            batch = decoder.collate(items, keys)
-            batch["__source__"] = [src.name] * len(keys)
-            batch["__stats__"] = {"worker": 0, **stats.state_dict(), "reread": 0}
-            out.append(batch)
-            if len(out) >= max_batches:
-                return out
+                    builder = decoder.new_batch(batch_size)
+        if len(builder) and finish(builder, src):  # a short last batch of the source
+            return out
     return out

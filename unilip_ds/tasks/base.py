@@ -98,7 +98,8 @@ class Task(ABC):
         """Scalar loss to backpropagate for `phase`, plus the terms to log (detached)."""
 
     def evaluate(self, engines: Mapping[str, nn.Module], batches) -> Dict[str, float]:
-        """Periodic evaluation on held-out batches; returns metrics to log."""
+        """Periodic evaluation on held-out batches (the same on every rank); returns the
+        metrics to log, named as logged (e.g. "eval/psnr")."""
         return {}
 
     # -- export ---------------------------------------------------------------------

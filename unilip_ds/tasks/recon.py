@@ -137,26 +137,30 @@ class ReconTask(Task):
                               "and model.dcae_path (or model.init_from); random real-size models are not trained")
         if m.internvl_path:
             load_internvl_vision(model.unilip.vision, m.internvl_path)
-            if model.teacher is not None:
-                load_internvl_vision(model.teacher, m.internvl_path)
         if m.dcae_path:
             model.unilip.dcae.load_dcae_weights(m.dcae_path)
-        if m.perceptual_pretrained:
-            model.perceptual.load_pretrained(m.vgg_path, m.lpips_path, m.convnext_path)
+        self._load_frozen(model)
 
     def init_from(self, modules: Mapping[str, nn.Module], path: str) -> None:
-        """Student from the export at `path`; the teacher is the ORIGINAL encoder + projector:
-        the pretrained InternVL weights when model.internvl_path is given, else the
-        student's initial weights."""
+        """Student (encoder, projector, adapter, decoder) from the export at `path`; the frozen
+        parts, which no export holds, from the config as for a fresh start."""
+        super().init_from(modules, path)
+        self._load_frozen(modules[MAIN])
+
+    def _load_frozen(self, model: ReconModel) -> None:
+        """The teacher is the ORIGINAL encoder + projector: the pretrained InternVL weights
+        when model.internvl_path is given, else the student as it starts. The perceptual
+        nets get their published weights (model.perceptual_pretrained)."""
         from unilip_ds.engine.weights import full_state_dict, load_state_dict_into
         from unilip_ds.models.unilip import load_internvl_vision
-        super().init_from(modules, path)
-        model = modules[MAIN]
+        m = self.cfg.model
         if model.teacher is not None:
-            if self.cfg.model.internvl_path:
-                load_internvl_vision(model.teacher, self.cfg.model.internvl_path)
+            if m.internvl_path:
+                load_internvl_vision(model.teacher, m.internvl_path)
             else:
                 load_state_dict_into(model.teacher, full_state_dict(model.unilip.vision), what="teacher")
+        if m.perceptual_pretrained:
+            model.perceptual.load_pretrained(m.vgg_path, m.lpips_path, m.convnext_path)
 
     def param_groups(self, name: str, module: nn.Module) -> List[ParamGroup]:
         wd = self.cfg.optim.weight_decay
@@ -202,7 +206,10 @@ class ReconTask(Task):
         if "loss/distill" in out:
             total = total + r.distill_weight * out["loss/distill"]
         if self.gan_active(step):
-            disc = engines[DISC]
+            # the bare module, not its engine: an engine's forward hooks its outputs into
+            # that engine's backward bookkeeping, so the model engine's backward would run the
+            # discriminator engine's gradient reduction too (ZeRO-2 fails on its empty buckets)
+            disc = getattr(engines[DISC], "module", engines[DISC])
             params = list(disc.parameters())
             flags = [p.requires_grad for p in params]
             for p in params:  # the generator's GAN term must not leave grads on the discriminator

@@ -1,0 +1,11 @@
+#!/bin/bash
+# UniLIP reconstruction stage 2 at 448 px (activation checkpointing), 1 node x 8 GPUs.
+# Start from stage 2: model.init_from=<export of recon_stage2>.
+#   sbatch slurm/train_recon_stage2_448.sh [launch/train.py options] [key=value overrides]
+# Submit from the repository root; site options (--partition, --account) go on the sbatch line.
+#SBATCH --job-name=recon_stage2_448
+#SBATCH --nodes=1 --ntasks-per-node=1 --gpus-per-node=8 --exclusive
+#SBATCH --time=48:00:00
+#SBATCH --signal=B:USR1@120 --requeue --open-mode=append
+#SBATCH --output=slurm/logs/%x-%j.out
+exec "${UNILIP_ROOT:-$SLURM_SUBMIT_DIR}/slurm/launch.sh" recon_stage2_448 "$@"

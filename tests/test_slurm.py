@@ -1,0 +1,266 @@
+"""The sbatch templates and slurm/launch.sh on a real one-node Slurm cluster (slurmctld +
+slurmd as root, config and state in a temp dir): a stage runs to completion with 2 CPU
+processes; the time-limit warning (USR1 to the batch shell, as `--signal=B:USR1@N` sends it)
+makes the trainers checkpoint and exit, the job requeues itself and the next run resumes to
+max_steps. The cluster fixture skips only where Slurm is not installed or cannot start."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+from tests.launch_util import REPO, env, tiny_recon_args
+from unilip_ds.engine import checkpoint
+from unilip_ds.engine.dist import free_port
+
+SLURM = REPO / "slurm"
+TEMPLATES = sorted(SLURM.glob("train_*.sh"))
+CLIENT_TIMEOUT = 20  # a client with no controller hangs ~2 min: never wait that long
+
+
+class SlurmCluster:
+    """slurmctld + slurmd in the foreground (so we own their pids), one node, one partition."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.node = "localhost"  # resolves everywhere; it becomes MASTER_ADDR in the jobs
+        self.conf = root / "slurm.conf"
+        self.procs: List[subprocess.Popen] = []
+        self.jobs: List[str] = []
+        self.env = env({"SLURM_CONF": str(self.conf)})
+
+    def write_conf(self) -> None:
+        r = self.root
+        for d in ("state", "spool", "log"):
+            (r / d).mkdir(parents=True, exist_ok=True)
+        ctld_port, slurmd_port = free_port(), free_port()
+        self.ctld_port = ctld_port
+        self.conf.write_text("\n".join([
+            "ClusterName=unilip-test",
+            f"SlurmctldHost={self.node}(127.0.0.1)",
+            f"SlurmctldPort={ctld_port}", f"SlurmdPort={slurmd_port}",
+            "SlurmUser=root", "SlurmdUser=root",
+            "AuthType=auth/none", "CredType=cred/none",
+            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
+            "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
+            "MpiDefault=none", "ReturnToService=2",
+            "JobCompType=jobcomp/none", "AccountingStorageType=accounting_storage/none",
+            "MinJobAge=600",  # finished jobs stay visible to scontrol for the asserts
+            "SchedulerParameters=sched_interval=2",
+            f"StateSaveLocation={r}/state", f"SlurmdSpoolDir={r}/spool",
+            f"SlurmctldPidFile={r}/slurmctld.pid", f"SlurmdPidFile={r}/slurmd.pid",
+            f"SlurmctldLogFile={r}/log/slurmctld.log", f"SlurmdLogFile={r}/log/slurmd.log",
+            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} State=UNKNOWN",
+            "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
+        ]) + "\n")
+
+    def start(self) -> None:
+        self.write_conf()
+        ctld = self._daemon(["slurmctld", "-D", "-i", "-f", str(self.conf)])
+        self._wait(lambda: self._listening(self.ctld_port), ctld, "slurmctld")
+        slurmd = self._daemon(["slurmd", "-D", "-N", self.node, "-f", str(self.conf)])
+        self._wait(lambda: self.client(["sinfo", "-h", "-o", "%t"], check=False).stdout.strip()
+                   == "idle", slurmd, "slurmd")
+
+    def _daemon(self, cmd: List[str]) -> subprocess.Popen:
+        p = subprocess.Popen(cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def _wait(self, ready, proc: subprocess.Popen, name: str, timeout: float = 20) -> None:
+        deadline = time.time() + timeout
+        while not ready():
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"{name} did not come up (rc={proc.poll()}):\n{self.logs()}")
+            time.sleep(0.2)
+
+    def _listening(self, port: int) -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text()[-2000:] for p in sorted((self.root / "log").glob("*.log")))
+
+    def client(self, cmd: List[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
+        proc = subprocess.run(cmd, env=kw.pop("env", self.env), capture_output=True, text=True,
+                              timeout=CLIENT_TIMEOUT, **kw)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)}: rc={proc.returncode}\n{proc.stderr}")
+        return proc
+
+    def sbatch(self, template: Path, options: List[str], args: List[str], extra_env: dict) -> str:
+        proc = self.client(["sbatch", "--parsable", *options, str(template), *args], cwd=REPO,
+                           env={**self.env, **extra_env})
+        job = proc.stdout.strip().split(";")[0]
+        self.jobs.append(job)
+        return job
+
+    def job(self, job: str) -> Dict[str, str]:
+        out = self.client(["scontrol", "show", "job", "-o", job]).stdout
+        return dict(re.findall(r"(\w[\w/:]*)=(\S*)", out))
+
+    def wait_state(self, job: str, states: tuple, timeout: float, log: Path) -> Dict[str, str]:
+        deadline = time.time() + timeout
+        while True:
+            info = self.job(job)
+            if info["JobState"] in states:
+                return info
+            if time.time() > deadline:
+                raise AssertionError(f"job {job} still {info['JobState']} after {timeout}s, "
+                                     f"wanted {states}\n{tail(log)}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.jobs:  # a failed test must not leave trainers running
+            self.client(["scancel", *self.jobs], check=False)
+            deadline = time.time() + 30
+            while time.time() < deadline and self.client(
+                    ["squeue", "-h", "-t", "RUNNING,COMPLETING", "-j", ",".join(self.jobs)],
+                    check=False).stdout.strip():
+                time.sleep(0.5)
+        for p in reversed(self.procs):  # slurmd first, then the controller
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+
+
+def tail(path: Path, n: int = 6000) -> str:
+    return path.read_text()[-n:] if path.is_file() else f"(no {path})"
+
+
+def _skip(reason: str):
+    pytest.skip(f"no Slurm test cluster: {reason}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if os.geteuid() != 0:
+        _skip("slurmd must run as root to start jobs")
+    if not all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch")):
+        # tests do not install system packages; CI runs the script before `make test`
+        _skip("Slurm's Debian packages are not installed (as root: bash slurm/install_test_cluster.sh)")
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        c.start()
+    except RuntimeError as exc:
+        c.stop()
+        _skip(str(exc))
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from unilip_ds.data.sample_images import write_caption_tars
+    d = tmp_path_factory.mktemp("shards")
+    write_caption_tars(d, count=24, per_tar=6, size=256)
+    return str(d)
+
+
+# on the test node: no GPUs, 2 CPU training processes, log into the test's directory
+CPU_OPTIONS = ["--gpus-per-node=0"]
+CPU_ENV = {"NPROC_PER_NODE": "2"}
+
+
+def stage_args(out: Path, shards: str, steps: int, extra: List[str]) -> List[str]:
+    args = tiny_recon_args(out, shards, steps=steps, extra=["wandb.mode=disabled", *extra])
+    assert args[:2] == ["--config", "recon_stage1"]  # the template names its stage itself
+    return args[2:]
+
+
+def metrics(out: Path) -> List[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_template_runs_a_stage_to_completion(cluster, shards, tmp_path):
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    job = cluster.sbatch(SLURM / "train_recon_stage1.sh", [*CPU_OPTIONS, f"--output={log}"],
+                         stage_args(out, shards, 4, []), CPU_ENV)
+    info = cluster.wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 150, log)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", tail(log)
+    # the template's own directives reached the scheduler
+    assert info["JobName"] == "recon_stage1" and info["Requeue"] == "1"
+    assert info["TimeLimit"] == "2-00:00:00" and info["OverSubscribe"] == "NO"
+
+    text = log.read_text()
+    assert "node 0/1: 2 processes (0 GPUs" in text and f"master {cluster.node}:" in text
+    assert "training exited with 0" in text
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
+    assert checkpoint.latest_tag(out) == "step_00000004"
+    meta = checkpoint.read_meta(out, "step_00000004")
+    assert meta["world_size"] == 2 and meta["step"] == 4
+
+
+def test_time_limit_signal_checkpoints_requeues_and_resumes(cluster, shards, tmp_path):
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    steps = 12
+    job = cluster.sbatch(SLURM / "train_recon_stage1.sh", [*CPU_OPTIONS, f"--output={log}"],
+                         stage_args(out, shards, steps, ["checkpoint.every_steps=1000"]), CPU_ENV)
+    deadline = time.time() + 120
+    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text()):
+        assert time.time() < deadline and cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), \
+            tail(log)
+        time.sleep(0.3)
+    # what `#SBATCH --signal=B:USR1@120` does near the time limit: USR1 to the batch shell only
+    cluster.client(["scancel", "--signal=USR1", "--batch", job])
+
+    info = cluster.wait_state(job, ("PENDING", "COMPLETED", "FAILED", "CANCELLED"), 60, log)
+    assert info["JobState"] == "PENDING" and info["Restarts"] == "1", (info, tail(log))
+    tag = checkpoint.latest_tag(out)  # the only checkpoint: the one the signal asked for
+    stopped_at = checkpoint.read_meta(out, tag)["step"]
+    assert 1 <= stopped_at < steps, tail(log)
+    first = log.read_text()
+    assert "got SIGUSR1" in first and "stopping on signal SIGUSR1" in first
+    assert "requeueing job" in first
+
+    # a requeued job waits ~2 min (BeginTime) before it is eligible again
+    cluster.client(["scontrol", "update", f"JobId={job}", "StartTime=now"])
+    info = cluster.wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 150, log)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", tail(log)
+    second = log.read_text()[len(first):]  # --open-mode=append: both runs in one log
+    assert "restart 1" in second and "resumed from" in second and tag in second
+    assert [r["step"] for r in metrics(out)] == list(range(1, steps + 1))
+    assert checkpoint.latest_tag(out) == f"step_{steps:08d}"
+
+
+def test_launcher_refuses_to_run_outside_slurm():
+    e = {k: v for k, v in env().items() if not k.startswith("SLURM_")}
+    proc = subprocess.run(["bash", str(SLURM / "launch.sh"), "recon_stage1"], env=e, cwd=REPO,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "not inside a Slurm job" in proc.stderr
+
+
+@pytest.mark.parametrize("template", TEMPLATES, ids=lambda p: p.stem)
+def test_every_template_names_a_stage_and_the_shared_launcher(template):
+    text = template.read_text()
+    launch = re.findall(r'^exec "\$\{UNILIP_ROOT:-\$SLURM_SUBMIT_DIR\}/slurm/launch.sh" (\S+) "\$@"$',
+                        text, re.M)
+    assert launch == [template.stem[len("train_"):]], "the template's stage must match its name"
+    assert (REPO / "unilip_ds" / "configs" / f"{launch[0]}.yaml").is_file()
+    directives = " ".join(re.findall(r"^#SBATCH (.*)$", text, re.M))
+    for needed in ("--signal=B:USR1@", "--requeue", "--open-mode=append", "--ntasks-per-node=1"):
+        assert needed in directives, needed
+    assert os.access(template, os.X_OK)
+
+
+def test_templates_are_accepted_by_the_scheduler(cluster):
+    for template in TEMPLATES:  # --test-only: parsed and validated, never queued
+        proc = cluster.client(["sbatch", "--test-only", *CPU_OPTIONS, str(template)], cwd=REPO,
+                              check=False)
+        assert proc.returncode == 0 and "to start at" in proc.stderr, (template, proc.stderr)
