@@ -24,7 +24,7 @@ demo: venv
 	$(PY) launch/demo.py
 
 test: venv
-	$(PY) -m pytest -q -ra --durations=15 tests
+	$(PY) -m pytest -ra --durations=15 tests
 
 clean-venv:
 	rm -rf $(VENV)

@@ -30,7 +30,8 @@ def _metrics(out: Path):
 def test_zero2_deepspeed_launcher_bf16_and_export(shards, tmp_path):
     out = tmp_path / "run"
     check(run("launch/train.py", tiny_recon_args(out, shards, steps=4, ds="ds_configs/zero2.json",
-                                                 extra=["checkpoint.keep_last=1"]),
+                                                 extra=["checkpoint.keep_last=1", "train.grad_accum=2",
+                                                        "data.log_keys=true"]),
               nproc=2, launcher="deepspeed"))
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -38,7 +39,9 @@ def test_zero2_deepspeed_launcher_bf16_and_export(shards, tmp_path):
                 "samples_per_s", "step_time_s", "data_wait_frac", "data/skipped/bad_image"):
         assert all(key in r for r in rows), key
     assert rows[0]["lr/model"] == pytest.approx(0.5e-4)  # warmup step 1 of 2
-    assert rows[-1]["data/read"] >= 4 * 2 * 2
+    assert rows[-1]["data/read"] >= 4 * 2 * 2 * 2
+    keys = [json.loads(x) for x in (out / "keys" / "rank1.jsonl").read_text().splitlines()]
+    assert [k["step"] for k in keys] == [1, 1, 2, 2, 3, 3, 4, 4]  # 2 micro-batches per step
     assert checkpoint.latest_tag(out) == "step_00000004"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_00000004"]
     assert list((out / "wandb").glob("offline-run-*"))

@@ -146,7 +146,7 @@ class Trainer:
                 self.skips.update(batch)
                 batch = to_device(batch, self.device)
                 if self.keys_file is not None:
-                    self.keys_file.write(json.dumps({"step": self.step, "keys": batch["__key__"]}) + "\n")
+                    self.keys_file.write(json.dumps({"step": self.step + 1, "keys": batch["__key__"]}) + "\n")
                 for phase in phases:
                     loss, terms = self.task.loss(phase, batch, self.step, self.engines)
                     self.engines[phase].backward(loss)
