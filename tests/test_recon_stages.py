@@ -206,9 +206,10 @@ def stage2(assets, zero, stage1, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def stage448(assets, zero, stage2, tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp(f"stage448_zero{zero}")
-    # the real 448 px (preset), micro batch 1: ~3 s a step for the tiny flavor on 2 cores
+    # the preset's real 448 px (tiny_recon_args pins 224: put it back), micro batch 1:
+    # ~3 s a step for the tiny flavor on 2 cores
     return train(assets, "recon_stage2_448", d / "run", zero, 2, f"model.init_from={stage2 / 'export'}",
-                 f"model.internvl_path={assets.internvl}", "train.micro_batch_size=1")
+                 f"model.internvl_path={assets.internvl}", "data.resolution=448", "train.micro_batch_size=1")
 
 
 def test_stage1_frozen_encoder_and_perceptual_exact_trainable_move(assets, stage1):
@@ -305,3 +306,54 @@ def test_frozen_parts_come_from_the_config_also_under_init_from(assets):
         teacher = full_state_dict(model.teacher)
         assert student.keys() == teacher.keys()
         assert all(torch.equal(student[k], teacher[k]) for k in student), f"teacher (init_from={init_from})"
+
+
+# ---------------------------------------------------------------------------------------
+# understanding: the exports against the original InternVL (the teacher)
+# ---------------------------------------------------------------------------------------
+def test_understanding_kept_through_stage2(assets, zero, stage1, stage2, tmp_path):
+    from unilip_ds.evaluation.understanding import evaluate
+    images = [str(assets.images), str(assets.images / "coffee.png")]
+    # before stage 2: stage 1 froze encoder + projector, so the MLLM is exactly the original
+    before = evaluate(stage1 / "export", assets.internvl, images)
+    assert before["images"] == 4 and before["image_tokens"] == 64  # 224 px: 16x16 patches, shuffled
+    assert before["feature_mse"] == 0.0 and before["logits_mse"] == 0.0 and before["top1_agreement"] == 1.0
+
+    # after stage 2, through the CLI: the encoder moved, self-distillation kept it close
+    out = tmp_path / "understanding.json"
+    proc = check(run("-m", ["unilip_ds.evaluation.understanding", "--export", str(stage2 / "export"),
+                            "--internvl", str(assets.internvl), "--images", *images,
+                            "--prompt", "what is in the image ?", "--out", str(out)]))
+    after = json.loads(out.read_text())
+    assert json.loads(proc.stdout[proc.stdout.index("{"):]) == after
+    distill = metrics(stage2 / "run")[-1]["loss/distill"]
+    print(f"ZeRO-{zero} feature MSE to the teacher: before stage 2 {before['feature_mse']:.3g}, after "
+          f"{after['feature_mse']:.3g} (relative {after['feature_rel_mse']:.3g}; last logged distill "
+          f"{distill:.3g}); top-1 agreement {after['top1_agreement']:.3f}, hidden cosine "
+          f"{after['hidden_cosine']:.6f}")
+    assert 0 < after["feature_mse"] and after["feature_rel_mse"] < 1e-3
+    assert after["feature_cosine"] > 0.999 and after["hidden_cosine"] > 0.999
+    assert after["top1_agreement"] > 0.9 and after["images"] == 4
+
+
+def test_understanding_detects_a_different_encoder_and_rejects_bad_input(assets, tmp_path, capsys):
+    from unilip_ds.evaluation.understanding import evaluate, main
+    from unilip_ds.models.flavors import get_flavor
+    from unilip_ds.models.unilip import UniLIP
+    torch.manual_seed(7)  # an encoder that is not the teacher: the check must see it
+    other = tmp_path / "other"
+    for name, comp in UniLIP(get_flavor("tiny")).export_components().items():
+        save_component(comp, other / name)
+    res = evaluate(other, assets.internvl, [str(assets.images)])
+    assert res["feature_rel_mse"] > 0.1 and res["feature_cosine"] < 0.9 and res["hidden_cosine"] < 0.999
+
+    (tmp_path / "empty").mkdir()
+    for argv, msg in ((["--export", str(other), "--images", str(tmp_path / "empty")], "no images found"),
+                      (["--export", str(tmp_path), "--images", str(assets.images)], "not a recon export"),
+                      (["--export", str(other), "--images", str(tmp_path / "nope.png")], "no such file"),
+                      (["--export", str(other), "--images", str(assets.images), "--resolution", "100"],
+                       "multiple of 28")):
+        capsys.readouterr()
+        assert main(argv + ["--internvl", str(assets.internvl)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and len(err.splitlines()) == 1, err

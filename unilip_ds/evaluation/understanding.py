@@ -35,24 +35,26 @@ class UnderstandingError(ValueError):
     """Bad command-line input (missing export / checkpoint, no images, no tokenizer)."""
 
 
+def check_paths(internvl: str | Path, export: str | Path) -> None:
+    if not (Path(internvl) / "config.json").is_file():
+        raise UnderstandingError(f"--internvl: {internvl} is not a transformers checkpoint dir (no config.json)")
+    if not (Path(export) / "vision").is_dir():
+        raise UnderstandingError(f"--export: {export} is not a recon export (no 'vision' component)")
+
+
 def load_models(internvl: str | Path, export: str | Path, device: str = "cpu",
                 dtype: torch.dtype = torch.float32):
     """(original, with the export's vision path, tokenizer), both models in eval mode."""
     from transformers import AutoTokenizer, InternVLForConditionalGeneration
     from unilip_ds.models.unilip import load_vision_into_internvl
-    internvl, export = Path(internvl), Path(export)
-    if not (internvl / "config.json").is_file():
-        raise UnderstandingError(f"--internvl: {internvl} is not a transformers checkpoint dir (no config.json)")
-    vision = export / "vision"
-    if not vision.is_dir():
-        raise UnderstandingError(f"--export: {export} is not a recon export (no 'vision' component)")
+    check_paths(internvl, export)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(internvl))
     except (OSError, ValueError) as exc:
         raise UnderstandingError(f"--internvl: no usable tokenizer in {internvl}: {exc}") from None
     original = InternVLForConditionalGeneration.from_pretrained(str(internvl), dtype=dtype).to(device).eval()
     swapped = copy.deepcopy(original)
-    load_vision_into_internvl(swapped, vision)
+    load_vision_into_internvl(swapped, Path(export) / "vision")
     return original, swapped, tokenizer
 
 
@@ -97,7 +99,7 @@ def compare(original, swapped, tokenizer, pixels: torch.Tensor, prompt: str = DE
         sums[key] = sums.get(key, 0.0) + float(value) * n
         counts[key] = counts.get(key, 0) + n
 
-    ids = None
+    ids, first = None, 0
     for i in range(0, len(pixels), batch_size):
         px = pixels[i:i + batch_size].to(device, dtype)
         b = len(px)
@@ -108,7 +110,8 @@ def compare(original, swapped, tokenizer, pixels: torch.Tensor, prompt: str = DE
         add("feature_cosine", F.cosine_similarity(fs, fo, dim=-1).mean(), b)
         if ids is None:
             ids = prompt_ids(tokenizer, original.config, prompt, fo.shape[1]).to(device)
-            first = int((ids[0] == original.config.image_token_id).nonzero()[0])  # causal: earlier equal
+            # earlier positions cannot see the image (causal): equal in both, left out
+            first = int((ids[0] == original.config.image_token_id).nonzero()[0])
         batch_ids = ids.expand(b, -1)
         oo = original(input_ids=batch_ids, pixel_values=px, output_hidden_states=True)
         os_ = swapped(input_ids=batch_ids, pixel_values=px, output_hidden_states=True)
@@ -133,11 +136,16 @@ def evaluate(export: str | Path, internvl: str | Path, images: List[str], prompt
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    from transformers import AutoConfig
+    check_paths(internvl, export)
+    vision = AutoConfig.from_pretrained(str(internvl)).vision_config
+    first = lambda v: v[0] if isinstance(v, (list, tuple)) else v  # noqa: E731
+    size, patch = size or first(vision.image_size), first(vision.patch_size)
+    if size % (2 * patch):  # whole patches, an even grid for the 0.5 pixel shuffle
+        raise UnderstandingError(f"--resolution: must be a multiple of {2 * patch}, got {size}")
+    pixels = load_pixels(images, size)  # bad image input fails before the models load
     original, swapped, tokenizer = load_models(internvl, export, device, getattr(torch, dtype))
-    size = size or original.config.vision_config.image_size
-    if isinstance(size, (list, tuple)):
-        size = size[0]
-    out = compare(original, swapped, tokenizer, load_pixels(images, size), prompt, batch_size)
+    out = compare(original, swapped, tokenizer, pixels, prompt, batch_size)
     out.update(export=str(export), internvl=str(internvl), resolution=size, dtype=dtype, prompt=prompt)
     return out
 
