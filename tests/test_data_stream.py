@@ -258,6 +258,43 @@ def _tar_bytes(members: Dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT,
+                                 tarfile.PAX_FORMAT], ids=["ustar", "gnu", "pax"])
+def test_tar_formats_long_names_and_member_bytes(tmp_path, fmt):
+    """Members come out whole under their full names, whatever wrote the tar: GNU long
+    names and pax path/mtime records apply to the member after them only."""
+    rng = np.random.default_rng(9)
+    deep = "d" * 60 + "/" + "e" * 60  # a 121-char directory: past ustar's 100-char name
+    names = ["short0", "short1"]
+    if fmt != tarfile.USTAR_FORMAT:  # long names between short ones
+        names = ["short0", f"{deep}/long_{'x' * 90}", "short1", f"{deep}/caf\u00e9_{'y' * 80}",
+                 "short2"]
+    blobs = {n: rng.integers(0, 256, int(rng.integers(1, 3000)), dtype=np.uint8).tobytes()
+             for n in names}
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=fmt) as tf:
+        for n in names:
+            for ext, data in (("bin", blobs[n]), ("txt", n.encode())):
+                info = tarfile.TarInfo(f"{n}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    skips: List[str] = []
+    got = list(iter_shard(str(path), None, lambda reason, detail: skips.append(reason)))
+    assert not skips
+    assert [g["__key__"] for g in got] == names
+    for g in got:
+        assert g["bin"] == blobs[g["__key__"]] and g["txt"] == g["__key__"].encode()
+
+
+def test_data_after_the_end_marker_is_corrupt(tmp_path):
+    whole = _tar_bytes({"a.txt": b"x", "b.txt": b"y"})
+    path = tmp_path / "t.tar"
+    path.write_bytes(whole + _tar_bytes({"c.txt": b"z"}))  # two tars glued together
+    skips: List[str] = []
+    got = list(iter_shard(str(path), None, lambda reason, detail: skips.append(reason)))
+    assert [g["__key__"] for g in got] == ["a", "b"] and skips == ["tar_corrupt"]
+
+
 def test_every_kind_of_bad_input_is_skipped_and_counted(tmp_path, monkeypatch):
     rng = np.random.default_rng(5)
     good = {f"g{i:02d}": jpeg(rng) for i in range(12)}

@@ -22,12 +22,11 @@ load_state_dict() inside each worker. Layout of the stream of one worker:
 
 from __future__ import annotations
 
-import collections
 import itertools
 import logging
 import os
 import tarfile
-from typing import Callable, Deque, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
@@ -44,57 +43,96 @@ Cursor = Tuple[int, int, int]  # (epoch, index in this worker's shard list, samp
 
 
 SkipFn = Callable[[str, str], None]  # (reason, detail)
-_ZERO_BLOCKS = 1024  # a tar ends with two zero 512-byte blocks
-_READ = 64 << 10  # tarfile slices its buffer per read: larger chunks cost copies
+_BLOCK = tarfile.BLOCKSIZE
+_ZERO = bytes(_BLOCK)
+_FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)  # not sparse, links, dirs
 
 
-class _TailReader:
-    """Counts the bytes read and keeps the last few reads, to check how a tar ended."""
+class TarMembers:
+    """Regular members of a plain tar stream, read with one `read` per header and one per
+    member's data.
 
-    def __init__(self, raw):
-        self.raw = raw
-        self.count = 0
+    Headers are parsed (and checksum-verified) by `tarfile.TarInfo.frombuf`; pax ('x',
+    'g') and GNU long-name headers are applied to the member that follows. tarfile's own
+    stream mode costs about twice as much per member (its buffering re-slices and
+    re-joins every read) and ends silently at a corrupt header; here a break, data after
+    the end or a missing end marker raises tarfile.ReadError. `members` counts the
+    regular members read.
+    """
+
+    def __init__(self, stream, url: str):
+        self.stream = stream
+        self.url = url
         self.members = 0
-        self.chunks: Deque[bytes] = collections.deque(maxlen=3)
+        self.offset = 0  # bytes consumed
 
-    def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
-        self.count += len(data)
-        self.chunks.append(data)
+    def _read(self, n: int) -> bytes:
+        data = self.stream.read(n)  # a buffered reader returns n bytes unless at the end
+        self.offset += len(data)
         return data
 
-    def tail(self) -> bytes:
-        return b"".join(self.chunks)
-
-
-def _tar_files(reader: _TailReader, url: str) -> Iterator[dict]:
-    """(fname, data) of the regular members, then checks the archive ended properly.
-
-    tarfile's stream reader ends silently at a truncated or invalid header after the first
-    member; a real end is a zero header followed by another zero block, so everything from
-    the header that ended iteration to the end of the object must be zeros (>= 1 KiB).
-    """
-    try:
-        # plain tars only: the end check compares raw byte offsets
-        # stream mode reads in `bufsize` chunks (64 KiB: as fast as webdataset's reader)
-        tf = tarfile.open(fileobj=reader, mode="r|", bufsize=_READ)  # type: ignore[call-overload]
-        for info in tf:
-            if not info.isreg() or info.name.rsplit("/", 1)[-1].startswith("__"):
+    def __iter__(self) -> Iterator[dict]:
+        glob: dict = {}  # 'g' pax records: every later member
+        pax: dict = {}  # 'x' pax records: the next member only
+        long_name: Optional[str] = None
+        while True:
+            at = self.offset
+            header = self._read(_BLOCK)
+            if header == _ZERO:
+                # the end: a second zero block, then nothing but zeros
+                tail = 0
+                while chunk := self.stream.read(1 << 20):
+                    if chunk.strip(b"\0"):
+                        raise tarfile.ReadError(f"data after the end of the archive at byte {at}")
+                    tail += len(chunk)
+                if tail < _BLOCK:
+                    raise tarfile.ReadError(f"archive ends without its end marker at byte {at}")
+                return
+            if len(header) < _BLOCK:
+                raise tarfile.ReadError("empty file" if at == 0 else
+                                        f"archive ends without its end marker at byte {at}")
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+            size = int(pax.get("size", glob.get("size", info.size)))
+            data = self._read(size)
+            name = long_name or pax.get("path") or glob.get("path") or info.name
+            if len(data) < size:
+                raise tarfile.ReadError(f"member {name} is cut short")
+            self._read(-size % _BLOCK)  # padding; a short one shows at the next header
+            if info.type == tarfile.XHDTYPE:
+                pax = _pax_records(data)
                 continue
-            data = tf.extractfile(info).read()  # type: ignore[union-attr]
-            if len(data) != info.size:
-                raise tarfile.ReadError(f"member {info.name} is cut short")
-            reader.members += 1
-            yield {"fname": info.name, "data": data, "__url__": url}
-            tf.members = []  # stream mode: do not keep every header in memory
-        end = tf.offset
-        tail = reader.tail()
-        buffered = reader.count - end  # bytes read past the header that ended iteration
-        after = (tail[-buffered:] if 0 < buffered <= len(tail) else b"") + reader.raw.read()
-        if buffered < 0 or buffered > len(tail) or len(after) < _ZERO_BLOCKS \
-                or after.strip(b"\0"):
-            raise tarfile.ReadError(f"archive ends without its end marker at byte {end} "
-                                    f"({len(after)} bytes follow): cut short or a corrupt header")
+            if info.type == tarfile.XGLTYPE:
+                glob.update(_pax_records(data))
+                continue
+            if info.type == tarfile.GNUTYPE_LONGNAME:
+                long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+                continue
+            if info.type == tarfile.GNUTYPE_LONGLINK:
+                continue
+            pax, long_name = {}, None
+            if info.type not in _FILE_TYPES or name.rsplit("/", 1)[-1].startswith("__"):
+                continue
+            self.members += 1
+            yield {"fname": name, "data": data, "__url__": self.url}
+
+
+def _pax_records(data: bytes) -> dict:
+    """'<length> <key>=<value>\\n' records of a pax header."""
+    out, pos = {}, 0
+    while pos < len(data) and data[pos]:
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        if length <= space - pos:
+            raise tarfile.ReadError("invalid pax header record")
+        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+def _tar_files(reader: TarMembers) -> Iterator[dict]:
+    try:
+        yield from reader
     except Exception:
         yield {}  # group_by_keys: hand out the last complete sample before the break
         raise
@@ -116,9 +154,9 @@ def iter_shard(url: str, cfg: Optional[DataConfig], on_skip: Optional[SkipFn]) -
         skip("shard_unreadable", str(exc))
         return
     n = 0
-    reader = _TailReader(stream)
+    reader = TarMembers(stream, url)
     try:
-        for sample in group_by_keys(_tar_files(reader, url), handler=_reraise):
+        for sample in group_by_keys(_tar_files(reader), handler=_reraise):
             n += 1
             yield sample
     except StorageError as exc:
