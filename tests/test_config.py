@@ -93,3 +93,16 @@ def test_print_config():
     proc = run("launch/train.py", ["--config", "recon_stage2", "--print-config", "optim.lr=5e-5"])
     assert proc.returncode == 0, proc.stderr
     assert "lr: 5.0e-05" in proc.stdout and "distill_weight: 1.0" in proc.stdout
+
+
+def test_lr_schedule_warmup_cosine_and_late_engine():
+    from unilip_ds.engine.engines import lr_factor
+    cfg = load_config(None, ["train.max_steps=100", "optim.warmup_steps=10", "optim.lr=1e-4",
+                             "optim.min_lr=1e-5"])
+    f = lr_factor(cfg)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(100) == pytest.approx(0.1)
+    assert f(55) == pytest.approx(0.1 + 0.9 * 0.5)  # half way down the cosine
+    late = lr_factor(cfg, first_step=60)  # e.g. the discriminator from recon.gan_start_step
+    assert late(0) == pytest.approx(0.1) and late(9) == pytest.approx(1.0)
+    assert late(40) == pytest.approx(0.1)  # its last step is the run's last step

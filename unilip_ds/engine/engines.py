@@ -34,9 +34,11 @@ def model_init_context(raw_ds: Dict[str, Any], cfg: Config, world_size: int):
     return deepspeed.zero.Init(config_dict_or_path=ds)
 
 
-def lr_factor(cfg: Config):
-    """LR multiplier at optimizer step `it` (0-based): linear warmup, cosine to min_lr."""
-    warm, total = cfg.optim.warmup_steps, cfg.train.max_steps
+def lr_factor(cfg: Config, first_step: int = 0):
+    """LR multiplier at the engine's optimizer step `it` (0-based): linear warmup, then
+    cosine to min_lr at the run's last step. An engine that starts late (the GAN
+    discriminator) warms up from its first step and still ends with the run."""
+    warm, total = cfg.optim.warmup_steps, cfg.train.max_steps - first_step
     floor = cfg.optim.min_lr / cfg.optim.lr
 
     def factor(it: int) -> float:
@@ -70,7 +72,7 @@ def build_engines(task: Task, modules: Mapping[str, nn.Module], cfg: Config,
                                           fused=torch.cuda.is_available() or None)
         sched = None
         if "scheduler" not in ds:
-            factor = lr_factor(cfg)
+            factor = lr_factor(cfg, task.engine_first_step(name))
 
             def sched(opt, factor=factor):
                 return torch.optim.lr_scheduler.LambdaLR(opt, factor)

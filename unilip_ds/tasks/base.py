@@ -82,6 +82,10 @@ class Task(ABC):
     def engine_lr(self, name: str) -> float:
         return self.cfg.optim.lr
 
+    def engine_first_step(self, name: str) -> int:
+        """The first optimizer step at which engine `name` is stepped (see `phases`)."""
+        return 0
+
     def set_train_mode(self, modules: Mapping[str, nn.Module]) -> None:
         """Frozen parts that must stay in eval mode (no dropout / stochastic depth)."""
         for m in modules.values():

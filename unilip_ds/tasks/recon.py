@@ -175,6 +175,9 @@ class ReconTask(Task):
     def engine_lr(self, name: str) -> float:
         return self.cfg.recon.disc_lr if name == DISC else self.cfg.optim.lr
 
+    def engine_first_step(self, name: str) -> int:
+        return max(0, self.cfg.recon.gan_start_step) if name == DISC else 0
+
     def set_train_mode(self, modules: Mapping[str, nn.Module]) -> None:
         for mod in modules.values():
             mod.train()  # ReconModel.train keeps its frozen parts in eval mode
