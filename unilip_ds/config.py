@@ -167,46 +167,42 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _require(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {msg}")
+
+
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     """Consistency checks that types alone cannot express."""
+    from unilip_ds.data.config import DataError, check_data_config
+    from unilip_ds.models.flavors import FLAVORS
     world = world_size if world_size is not None else env_world_size()
-    t = cfg.train
-    if t.max_steps < 1:
-        raise ConfigError(f"config key 'train.max_steps': must be >= 1, got {t.max_steps}")
-    if t.micro_batch_size < 1:
-        raise ConfigError(f"config key 'train.micro_batch_size': must be >= 1, got {t.micro_batch_size}")
-    if t.grad_accum < 1:
-        raise ConfigError(f"config key 'train.grad_accum': must be >= 1, got {t.grad_accum}")
+    t, o = cfg.train, cfg.optim
+    for key in ("max_steps", "micro_batch_size", "grad_accum"):
+        _require(getattr(t, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
     expect = t.micro_batch_size * t.grad_accum * world
-    if t.global_batch_size not in (0, expect):
-        raise ConfigError(
-            f"config key 'train.global_batch_size': {t.global_batch_size} != micro_batch_size "
-            f"{t.micro_batch_size} x grad_accum {t.grad_accum} x world size {world} = {expect}")
-    if t.grad_clip is None or t.grad_clip <= 0:
-        raise ConfigError("config key 'train.grad_clip': gradient clipping is required (> 0)")
-    if t.precision not in ("bf16", "fp32"):
-        raise ConfigError(f"config key 'train.precision': bf16 or fp32, got '{t.precision}'")
-    if t.eval_every and not (cfg.data.eval.urls or cfg.data.eval.sources):
-        raise ConfigError("config key 'train.eval_every': set, but data.eval.urls names no held-out shards")
-    o = cfg.optim
-    if o.lr <= 0:
-        raise ConfigError(f"config key 'optim.lr': must be > 0, got {o.lr}")
-    if not 0 <= o.min_lr <= o.lr:
-        raise ConfigError(f"config key 'optim.min_lr': must be in [0, optim.lr], got {o.min_lr}")
-    if len(o.betas) != 2:
-        raise ConfigError("config key 'optim.betas': two values expected")
-    if cfg.checkpoint.every_steps < 1:
-        raise ConfigError("config key 'checkpoint.every_steps': must be >= 1")
-    if cfg.checkpoint.keep_last < 1:
-        raise ConfigError("config key 'checkpoint.keep_last': must be >= 1")
-    if cfg.wandb.mode not in ("offline", "online", "disabled"):
-        raise ConfigError(f"config key 'wandb.mode': offline, online or disabled, got '{cfg.wandb.mode}'")
-    if not 0 <= cfg.ema.max_decay < 1:
-        raise ConfigError("config key 'ema.max_decay': must be in [0, 1)")
-    if cfg.data.num_workers < 0:
-        raise ConfigError("config key 'data.num_workers': must be >= 0")
-    if cfg.model.flavor not in ("tiny", "1b", "2b"):
-        raise ConfigError(f"config key 'model.flavor': tiny, 1b or 2b, got '{cfg.model.flavor}'")
+    _require(t.global_batch_size in (0, expect), "train.global_batch_size",
+             f"{t.global_batch_size} != micro_batch_size {t.micro_batch_size} x grad_accum "
+             f"{t.grad_accum} x world size {world} = {expect}")
+    _require(t.grad_clip is not None and t.grad_clip > 0, "train.grad_clip",
+             "gradient clipping is required (> 0)")
+    _require(t.precision in ("bf16", "fp32"), "train.precision", f"bf16 or fp32, got '{t.precision}'")
+    _require(not t.eval_every or bool(cfg.data.eval.urls or cfg.data.eval.sources), "train.eval_every",
+             "set, but data.eval.urls names no held-out shards")
+    _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    _require(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be in [0, optim.lr], got {o.min_lr}")
+    _require(len(o.betas) == 2, "optim.betas", "two values expected")
+    for key in ("every_steps", "keep_last"):
+        _require(getattr(cfg.checkpoint, key) >= 1, f"checkpoint.{key}", "must be >= 1")
+    _require(cfg.wandb.mode in ("offline", "online", "disabled"), "wandb.mode",
+             f"offline, online or disabled, got '{cfg.wandb.mode}'")
+    _require(0 <= cfg.ema.max_decay < 1, "ema.max_decay", "must be in [0, 1)")
+    _require(cfg.model.flavor in FLAVORS, "model.flavor",
+             f"{', '.join(FLAVORS)}, got '{cfg.model.flavor}'")
+    try:
+        check_data_config(cfg.data)
+    except DataError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def to_yaml(cfg: Config) -> str:

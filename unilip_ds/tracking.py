@@ -65,10 +65,6 @@ class Tracker:
                          "data_wait_frac") if k in metrics]
         log.info(f"step {step} " + " ".join(f"{k}={_fmt(metrics[k])}" for k in keys))
 
-    @property
-    def wandb_dir(self) -> Optional[str]:
-        return getattr(self.wandb, "dir", None) if self.wandb is not None else None
-
     def close(self) -> None:
         if self.rank != 0:
             return

@@ -128,7 +128,7 @@ class Trainer:
     def train(self) -> None:
         cfg = self.cfg
         it = iter(self.loader)
-        sums: Dict[str, float] = defaultdict(float)
+        sums: Dict[str, Any] = defaultdict(float)  # device tensors: no host sync per step
         counts: Dict[str, int] = defaultdict(int)
         window = {"time": 0.0, "wait": 0.0, "steps": 0}
         first = self.step
@@ -152,7 +152,7 @@ class Trainer:
                     self.engines[phase].backward(loss)
                     self.engines[phase].step()
                     for k, v in terms.items():
-                        sums[k] += float(v)
+                        sums[k] += v.detach()
                         counts[k] += 1
             self.step += 1
             if self.ema is not None and self.step % cfg.ema.every_steps == 0:
@@ -162,7 +162,7 @@ class Trainer:
             for name in phases:
                 gn = self.engines[name].get_global_grad_norm()
                 if gn is not None:
-                    sums[f"grad_norm/{name}"] += float(gn)
+                    sums[f"grad_norm/{name}"] += gn
                     counts[f"grad_norm/{name}"] += 1
 
             signalled = self._signal_agreed()
@@ -182,7 +182,7 @@ class Trainer:
                 break
         self.close()
 
-    def _on_signal(self, signum, frame) -> None:
+    def _on_signal(self, signum, _frame) -> None:
         self._signal = signal.Signals(signum).name
 
     def _signal_agreed(self) -> bool:
@@ -191,21 +191,21 @@ class Trainer:
         return dist.all_reduce([1.0 if self._signal else 0.0])[0] > 0
 
     def _log(self, sums, counts, window, lrs) -> None:
-        keys = sorted(sums)
-        means = dist.all_reduce([sums[k] / counts[k] for k in keys], mean=True)
-        metrics: Dict[str, Any] = dict(zip(keys, means))
+        # one collective: rank means of the terms and the data-wait fraction, summed counters
+        keys = sorted(sums) + ["data_wait_frac"]
+        totals = self.skips.totals()
+        names = sorted(totals)
+        local = [float(sums[k]) / counts[k] for k in keys[:-1]]
+        local.append(window["wait"] / window["time"] if window["time"] else 0.0)
+        summed = dist.all_reduce(local + [float(totals[n]) for n in names])
+        metrics: Dict[str, Any] = {k: v / self.world for k, v in zip(keys, summed)}
+        totals = dict(zip(names, summed[len(keys):]))
+        metrics.update(totals)
         metrics.update({f"lr/{name}": lr for name, lr in lrs.items()})
-        steps = max(1, window["steps"])
-        step_time = window["time"] / steps
+        step_time = window["time"] / max(1, window["steps"])
         gbs = self.cfg.train.micro_batch_size * self.cfg.train.grad_accum * self.world
         metrics["step_time_s"] = step_time
         metrics["samples_per_s"] = gbs / step_time if step_time > 0 else 0.0
-        metrics["data_wait_frac"] = dist.all_reduce(
-            [window["wait"] / window["time"] if window["time"] else 0.0], mean=True)[0]
-        totals = self.skips.totals()
-        names = sorted(totals)
-        totals = dict(zip(names, dist.all_reduce([float(totals[n]) for n in names])))
-        metrics.update(totals)
         self.tracker.log(self.step, metrics)
         self.skips.check(totals)  # the same global figures on every rank: all stop together
 

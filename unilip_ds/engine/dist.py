@@ -70,17 +70,12 @@ def barrier() -> None:
         tdist.barrier()
 
 
-def all_reduce(values: list[float], mean: bool = False) -> list[float]:
-    """Sum (or mean) of a few scalars across ranks: logging and counters only."""
+def all_reduce(values: list[float]) -> list[float]:
+    """Sum of a few scalars across ranks: logging, counters, agreeing on a stop."""
     import torch.distributed as tdist
     if not (tdist.is_available() and tdist.is_initialized()) or world_size() == 1:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device())
     tdist.all_reduce(t)
-    return (t / world_size() if mean else t).tolist()
+    return t.tolist()
 
-
-def destroy() -> None:
-    import torch.distributed as tdist
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.destroy_process_group()

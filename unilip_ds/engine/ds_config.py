@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any, Dict
 
@@ -29,15 +30,17 @@ def load_json(path: str) -> Dict[str, Any]:
     return data
 
 
+def _same(a: Any, b: Any) -> bool:
+    numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
+    return math.isclose(a, b, rel_tol=1e-12) if numbers else a == b
+
+
 def _fill(d: Dict[str, Any], key: str, value: Any, where: str, tree_key: str) -> None:
     cur = d.get(key, AUTO)
     if cur == AUTO:
         d[key] = value
         return
-    same = abs(float(cur) - float(value)) <= 1e-12 * max(1.0, abs(float(value))) \
-        if isinstance(value, (int, float)) and not isinstance(value, bool) \
-        and isinstance(cur, (int, float)) and not isinstance(cur, bool) else cur == value
-    if not same:
+    if not _same(cur, value):
         raise ConfigError(f"ds_config '{where}{key}' is {cur!r} but {tree_key} gives {value!r}: "
                           f"set it to \"auto\" or change {tree_key}")
 

@@ -222,7 +222,8 @@ class ReconTask(Task):
             finally:
                 for p, f in zip(params, flags):
                     p.requires_grad_(f)
-            gan_g = -logits_fake.float().mean()  # hinge generator loss
+            from unilip_ds.models.discriminator import hinge_g_loss
+            gan_g = hinge_g_loss(logits_fake.float())
             total = total + r.gan_weight * gan_g
             logs["loss/gan_g"] = gan_g.detach()
             self._cache = (images.detach(), out["recon"].detach())
