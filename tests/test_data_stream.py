@@ -351,7 +351,7 @@ def test_every_kind_of_bad_input_is_skipped_and_counted(tmp_path, monkeypatch):
     assert not {"g07", "g08"} & set(keys)  # behind the corrupt header
     stats = batches[-1]["__stats__"]
     assert stats["skipped"] == {"bad_image": 2, "missing_key": 1, "empty_text": 1,
-                                "tar_corrupt": 2, "shard_unreadable": 2}
+                                "bad_text": 0, "tar_corrupt": 2, "shard_unreadable": 2}
 
     # the training stream skips the same things, epoch after epoch, and keeps going
     tracker = SkipTracker(max_skip_rate=1.0, check_after=0)
@@ -362,6 +362,65 @@ def test_every_kind_of_bad_input_is_skipped_and_counted(tmp_path, monkeypatch):
     for reason in ("bad_image", "missing_key", "empty_text", "tar_corrupt", "shard_unreadable"):
         assert totals[f"data/skipped/{reason}"] >= 1, reason
     assert totals["data/read"] >= 30
+
+
+def test_edit_samples_missing_an_image_or_with_bad_text_are_skipped_and_counted(tmp_path):
+    # wide photos, red left / blue right; the output is the input mirrored
+    wide = np.zeros((24, 72, 3), np.uint8)
+    wide[:, :24] = (255, 0, 0)
+    wide[:, 24:48] = (0, 255, 0)
+    wide[:, 48:] = (0, 0, 255)
+
+    def jpg(arr):
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(arr)).save(buf, "JPEG", quality=95)
+        return buf.getvalue()
+
+    src, dst = jpg(wide), jpg(wide[:, ::-1])
+    pair = {"input.jpg": src, "output.jpg": dst}
+    bad = {"x_noout": {"input.jpg": src, "txt": b"flip"},
+           "x_noin": {"output.jpg": dst, "txt": b"flip"},
+           "x_notxt": dict(pair),
+           "x_latin1": {**pair, "txt": b"retourn\xe9"},
+           "x_ctrl": {**pair, "txt": b" \x00\x07\x1b "},
+           "x_blank": {**pair, "txt": b" \n "}}
+    d = tmp_path / "edit"
+    d.mkdir()
+    for s, keys in enumerate([["g0", "x_noout", "x_noin", "g1", "x_notxt"],
+                              ["x_latin1", "g2", "x_ctrl", "x_blank", "g3"]]):
+        members = {}
+        for k in keys:
+            parts = bad.get(k) or {**pair, "txt": b"flip the image horizontally"}
+            members.update({f"{k}.{ext}": v for ext, v in parts.items()})
+        (d / f"e-{s:03d}.tar").write_bytes(_tar_bytes(members))
+
+    cfg = make_cfg([str(d / "*.tar")], eval_urls=[str(d / "*.tar")], batch=2, shuffle=4)
+    cfg.data.eval.task = cfg.data.train.task = "edit"
+    batches = build_eval_batches(cfg, 0, 1, max_batches=100)
+    assert sum(keys_of(batches), []) == ["g0", "g1", "g2", "g3"]
+    stats = batches[-1]["__stats__"]
+    assert stats["read"] == 10 and stats["decoded"] == 4
+    assert stats["skipped"] == {"bad_image": 0, "missing_key": 3, "empty_text": 1,
+                                "bad_text": 2, "tar_corrupt": 0, "shard_unreadable": 0}
+    # both images squashed whole (both edges kept), aligned, the same in eval and training
+    evals = {}
+    for b in batches:
+        assert b["instruction"] == ["flip the image horizontally"] * len(b["__key__"])
+        for i, key in enumerate(b["__key__"]):
+            inp, out = b["input_image"][i].int(), b["image"][i].int()
+            assert inp[0, :, 0].min() > 200 and inp[2, :, -1].min() > 200  # red | blue
+            assert out[2, :, 0].min() > 200 and out[0, :, -1].min() > 200  # blue | red
+            assert (out.flip(-1) - inp).abs().float().mean() < 8
+            evals[key] = (b["input_image"][i], b["image"][i])
+    tracker = SkipTracker(max_skip_rate=1.0, check_after=0)
+    for b in take(build_train_loader(cfg, 0, 1), 12):
+        tracker.update(b)
+        for i, key in enumerate(b["__key__"]):
+            assert torch.equal(b["input_image"][i], evals[key][0])
+            assert torch.equal(b["image"][i], evals[key][1])
+    totals = tracker.totals()
+    for reason in ("missing_key", "empty_text", "bad_text"):
+        assert totals[f"data/skipped/{reason}"] >= 1, reason
 
 
 def test_skip_rate_limit_stops_the_run():

@@ -2,8 +2,8 @@
 
 Speed matters more here than anywhere else in the data path: a 1024 px JPEG decoded for
 224 px training is decoded at 1/4 scale by libjpeg (PIL `draft`: DCT scaling, 16x fewer
-pixels), the crop box is applied inside the one resampling call (no resize of pixels that
-are cropped away), and each image is written once, channel by channel, straight into its
+pixels), the crop box (if any) is applied inside the one resampling call (no resize of
+pixels that are cropped away), and each image is written once, channel by channel, straight into its
 slot of a preallocated uint8 (B,3,H,W) batch. In a loader worker that batch lives in
 shared memory from the start, so handing it to the trainer copies nothing. Images stay
 uint8 (4x less to move than float32); the trainer converts them to float in [0,1] on the
@@ -30,6 +30,14 @@ TEXT_EXTS = ("txt",)
 IMAGE_FIELDS: Dict[str, Tuple[str, ...]] = {
     "recon": ("image",), "t2i": ("image",), "edit": ("input_image", "image")}
 TEXT_FIELD: Dict[str, Optional[str]] = {"recon": None, "t2i": "caption", "edit": "instruction"}
+# how each task's images become size x size (the one place that decides it):
+#   "crop"   a square crop of the shorter side: random in training, plus a random horizontal
+#            flip when data.random_flip; centred and unflipped in eval
+#   "squash" the whole image resized to the square, aspect ignored: no crop, no flip, no
+#            randomness, the same in training and eval. Generation data (DESIGN 2.2): a
+#            caption or instruction may name what a crop cuts away or a flip mirrors, and
+#            an edit's input and output stay aligned whatever their sizes.
+FIT: Dict[str, str] = {"recon": "crop", "t2i": "squash", "edit": "squash"}
 
 
 class SampleError(Exception):
@@ -51,8 +59,8 @@ def _field(sample: dict, prefix: str, exts: Sequence[str]) -> bytes:
 
 
 def load_image(data: bytes, size: int) -> Image.Image:
-    """Decode to RGB with the shorter side >= `size`, at the coarsest JPEG DCT scale
-    that allows it."""
+    """Decode to RGB with both sides >= `size` (what a crop of the shorter side and a
+    squash alike need), at the coarsest JPEG DCT scale that allows it."""
     try:
         img = Image.open(io.BytesIO(data))
         if img.format == "JPEG":
@@ -83,6 +91,11 @@ def resize_crop(img: Image.Image, size: int, rng: Optional[np.random.Generator],
     return out
 
 
+def squash(img: Image.Image, size: int) -> Image.Image:
+    """The whole image resampled to size x size in one call, aspect ignored (RGB)."""
+    return img.resize((size, size), Image.BICUBIC)
+
+
 def write_chw(img: Image.Image, out: np.ndarray) -> None:
     """Copies an RGB image into a uint8 (3,H,W) array, one plane per channel.
 
@@ -104,20 +117,29 @@ def new_image_batch(n: int, size: int) -> torch.Tensor:
 
 
 def _text(sample: dict, what: str) -> str:
+    """The stripped caption / instruction, never truncated (the tokenizer does that).
+    empty_text: nothing left after stripping whitespace; bad_text: not UTF-8, or only
+    control / format / invisible characters (e.g. NULs, zero-width spaces)."""
     raw = _field(sample, "", TEXT_EXTS)
     try:
-        text = raw.decode("utf-8").strip() if isinstance(raw, bytes) else str(raw).strip()
-    except UnicodeDecodeError:
-        raise SampleError("empty_text", f"{what} is not utf-8") from None
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+    except UnicodeDecodeError as exc:
+        raise SampleError("bad_text", f"{what} is not utf-8 ({exc.reason} at byte "
+                          f"{exc.start})") from None
+    text = text.strip()
     if not text:
         raise SampleError("empty_text", f"empty {what}")
+    if not any(c.isprintable() and not c.isspace() for c in text):
+        raise SampleError("bad_text", f"{what} has no visible character: {text[:40]!r}")
     return text
 
 
 class Decoder:
     """Decodes raw samples of one task into slots of uint8 image tensors.
 
-    `train=True`: random crops (and flips for recon when `random_flip`); else centred.
+    Each task fits its images to the square as FIT says: crop tasks take random crops in
+    training (and flips when `random_flip`), centred ones in eval; squash tasks squash
+    the whole image, the same in training and eval (they never draw from the rng).
     """
 
     def __init__(self, task: str, resolution: int, train: bool = True,
@@ -125,13 +147,18 @@ class Decoder:
         self.task = task
         self.size = resolution
         self.train = train
-        self.flip = train and random_flip and task == "recon"
+        self.squash = FIT[task] == "squash"
+        self.random = train and not self.squash  # random crops
+        self.flip = self.random and random_flip
         self.image_fields = IMAGE_FIELDS[task]
         self.text_field = TEXT_FIELD[task]
 
     def _image(self, data: bytes, rng: Optional[np.random.Generator], out: np.ndarray) -> None:
         img = load_image(data, self.size)
-        rng = rng if self.train else None
+        if self.squash:
+            write_chw(squash(img, self.size), out)
+            return
+        rng = rng if self.random else None
         flip = self.flip and rng is not None and bool(rng.integers(0, 2))
         write_chw(resize_crop(img, self.size, rng, flip), out)
 
@@ -150,7 +177,7 @@ class Decoder:
         instruction = _text(sample, "instruction")
         src = _field(sample, "input.", IMAGE_EXTS)
         dst = _field(sample, "output.", IMAGE_EXTS)
-        # the same crop for input and output keeps them aligned
+        # input and output are fitted alike (a crop task would draw the same crop twice)
         state = None if rng is None else rng.bit_generator.state
         self._image(src, rng, out["input_image"])
         if state is not None:

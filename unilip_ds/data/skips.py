@@ -20,6 +20,7 @@ REASONS = (
     "bad_image",        # truncated / non-image bytes, undecodable
     "missing_key",      # a field the task needs is absent (e.g. no jpg, no txt)
     "empty_text",       # caption / instruction empty after stripping
+    "bad_text",         # caption / instruction not UTF-8, or without a visible character
     "tar_corrupt",      # a tar member or header is broken: the rest of the shard is lost
     "shard_unreadable", # the shard cannot be opened / read (after storage retries)
 )
