@@ -257,3 +257,83 @@ def test_cli_to_s3_and_back(tmp_path, s3_server):
     assert bad.stderr.strip().splitlines() == [
         f"error: --src {tmp_path / 'missing'}: no such file, directory or prefix"]
     shutil.rmtree(tmp_path / "o", ignore_errors=True)
+
+
+def _rgb(data: bytes):
+    import numpy as np
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float64)
+
+
+def _psnr(a, b) -> float:
+    import numpy as np
+
+    mse = np.mean((a - b) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+FLIPS = {"flip the image horizontally": lambda a: a[:, ::-1],
+         "turn the image upside down": lambda a: a[::-1]}
+
+
+def test_flip_edit_folder_is_deterministic_and_exact(tmp_path):
+    src = sample_images.write_flip_edit_folder(tmp_path / "a", count=40, size=32, seed=3)
+    assert src == tmp_path / "a" / "edits.json"
+    records = json.loads(src.read_text())
+    assert len(records) == 40 and len({r["id"] for r in records}) == 40
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["edits.json", "images"]
+    assert len(list((tmp_path / "a" / "images").iterdir())) == 80
+    by_text = {}
+    for r in records:
+        assert set(r) == {"id", "input", "output", "instruction"}
+        by_text.setdefault(r["instruction"], []).append(r)
+        inp, out = (_rgb((src.parent / r[k]).read_bytes()) for k in ("input", "output"))
+        assert inp.shape == out.shape == (32, 32, 3)
+        want = FLIPS[r["instruction"]](inp)
+        assert _psnr(out, want) > 30  # the edit, up to JPEG noise
+        assert _psnr(out, want) > _psnr(out, inp) + 3  # and not a copy of the input
+    assert set(by_text) == set(FLIPS) and min(len(v) for v in by_text.values()) >= 10
+    # a photo's variants get either edit: the instruction is what tells them apart
+    stems = {t: {r["id"].rsplit("_", 1)[0] for r in v} for t, v in by_text.items()}
+    assert set.intersection(*stems.values())
+    # the same arguments write the same bytes; another seed draws other edits
+    again = sample_images.write_flip_edit_folder(tmp_path / "b", count=40, size=32, seed=3)
+    assert again.read_text() == src.read_text()
+    for r in records:
+        for k in ("input", "output"):
+            assert (again.parent / r[k]).read_bytes() == (src.parent / r[k]).read_bytes()
+    other = json.loads(sample_images.write_flip_edit_folder(
+        tmp_path / "c", count=40, size=32, seed=4).read_text())
+    assert [r["instruction"] for r in other] != [r["instruction"] for r in records]
+    only_h = json.loads(sample_images.write_flip_edit_folder(
+        tmp_path / "d", count=6, size=32, vertical=False).read_text())
+    assert {r["instruction"] for r in only_h} == {"flip the image horizontally"}
+
+
+def test_flip_edit_folder_through_shard_edit_cli_and_decoder(tmp_path):
+    import numpy as np
+
+    from unilip_ds.data.decode import Decoder
+
+    raw, dst = tmp_path / "raw", tmp_path / "dst"
+    sample_images.write_flip_edit_folder(raw, count=25, size=48, seed=0)
+    cmd = [sys.executable, str(REPO / "data_prep" / "shard_edit.py"), "--src", str(raw),
+           "--dst", str(dst), "--shard-size", "10", "--workers", "1", "--no-progress"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    m = read_manifest(str(dst / "manifest.json"))
+    assert m.kind == "edit" and m.samples == 25 and m.skipped == {}
+    samples = _all_samples(dst)
+    assert len(samples) == 25
+    dec = Decoder("edit", 48, train=True)
+    texts = set()
+    for key, parts in samples.items():
+        assert set(parts) == {"input.jpg", "output.jpg", "txt", "json"}
+        text = parts["txt"].decode()
+        texts.add(text)
+        got = dec({"__key__": key, **parts}, np.random.default_rng(0))
+        assert got["instruction"] == text
+        inp = got["input_image"].permute(1, 2, 0).numpy().astype(np.float64)
+        res = got["image"].permute(1, 2, 0).numpy().astype(np.float64)
+        assert _psnr(res, FLIPS[text](inp)) > 30
+    assert texts == set(FLIPS)

@@ -7,6 +7,10 @@ benchmark (nothing can be downloaded here).
 - `write_caption_tars`: the same samples as BLIP3o-style tars (`jpg` + `txt` members).
 - `write_edit_folder`: GPT-Image-Edit-style json + image folders whose edits are real
   (flip, grayscale, rotate, invert...) and whose instructions say what was done.
+- `write_flip_edit_folder`: the same layout with one simple, exactly learnable edit per
+  sample: "flip the image horizontally" (output = input mirrored) or "turn the image
+  upside down" (output = input flipped vertically), picked by a seeded draw per sample,
+  so a model must read the instruction (the generator demo's edit set).
 
 `size` resamples every image to size x size (e.g. 1024 for the decode benchmark).
 """
@@ -60,6 +64,13 @@ EDITS: Tuple[Tuple[str, Callable[[Image.Image], Image.Image]], ...] = (
     ("Give the image a warm sepia tone.",
      lambda im: ImageOps.colorize(ImageOps.grayscale(im), "#3b2412", "#f2dfb8")),
     ("Reduce the image to a few flat colours.", lambda im: ImageOps.posterize(im, 2)),
+)
+
+
+# the demo's edit set: deterministic edits an image model can learn exactly
+FLIP_EDITS: Tuple[Tuple[str, Callable[[Image.Image], Image.Image]], ...] = (
+    ("flip the image horizontally", ImageOps.mirror),
+    ("turn the image upside down", ImageOps.flip),
 )
 
 
@@ -157,19 +168,43 @@ def write_caption_tars(dst: os.PathLike, count: Optional[int] = None, per_tar: i
     return paths
 
 
-def write_edit_folder(dst: os.PathLike, count: Optional[int] = None,
-                      size: Optional[int] = None, seed: int = 0) -> Path:
-    """GPT-Image-Edit-style source: `edits.json` (a list of {"input", "output",
-    "instruction"} with paths relative to it) + `images/`. Returns the json path."""
+def _write_edits(dst: os.PathLike, items, quality: int) -> Path:
+    """`edits.json` (a list of {"id", "input", "output", "instruction"}, image paths
+    relative to it) + `images/<key>_in.jpg`, `images/<key>_out.jpg`; `items` yields
+    (sample, instruction, edit). Returns the json path."""
     dst = Path(dst)
     (dst / "images").mkdir(parents=True, exist_ok=True)
     records = []
-    for i, s in enumerate(samples(count, size, seed)):
-        instruction, edit = EDITS[i % len(EDITS)]
+    for s, instruction, edit in items:
         src, out = f"images/{s.key}_in.jpg", f"images/{s.key}_out.jpg"
-        (dst / src).write_bytes(jpeg_bytes(s.image))
-        (dst / out).write_bytes(jpeg_bytes(edit(s.image)))
+        (dst / src).write_bytes(jpeg_bytes(s.image, quality))
+        (dst / out).write_bytes(jpeg_bytes(edit(s.image), quality))
         records.append({"id": s.key, "input": src, "output": out, "instruction": instruction})
     path = dst / "edits.json"
     path.write_text(json.dumps(records, indent=1))
     return path
+
+
+def write_edit_folder(dst: os.PathLike, count: Optional[int] = None,
+                      size: Optional[int] = None, seed: int = 0) -> Path:
+    """GPT-Image-Edit-style source: `edits.json` (a list of {"input", "output",
+    "instruction"} with paths relative to it) + `images/`. Returns the json path.
+    The edits cycle through EDITS."""
+    return _write_edits(dst, ((s, *EDITS[i % len(EDITS)])
+                              for i, s in enumerate(samples(count, size, seed))), 90)
+
+
+def write_flip_edit_folder(dst: os.PathLike, count: Optional[int] = None,
+                           size: Optional[int] = None, seed: int = 0,
+                           vertical: bool = True, quality: int = 95) -> Path:
+    """The demo's edit source, in write_edit_folder's layout (`edits.json` + `images/`,
+    read by data_prep/shard_edit.py --src dst): each output is its input flipped
+    horizontally ("flip the image horizontally") or, when `vertical`, for about half of
+    the samples, flipped vertically ("turn the image upside down"). The choice is a
+    draw seeded by `seed`, independent of the photo (its variants get either edit), so
+    only the instruction tells the two apart. Same arguments -> the same files. Returns
+    the json path."""
+    edits = FLIP_EDITS if vertical else FLIP_EDITS[:1]
+    pick = random.Random(f"flip-edits-{seed}")
+    return _write_edits(dst, ((s, *edits[pick.randrange(len(edits))])
+                              for s in samples(count, size, seed)), quality)
