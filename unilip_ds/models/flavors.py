@@ -18,7 +18,7 @@ class Flavor:
     text: Dict[str, Any]  # Qwen2 config kwargs (only hidden_size matters to the autoencoder)
     dcae: Dict[str, Any]  # AutoencoderDC config kwargs (the decoder half is built)
     disc_channels: int = 128
-    disc_mults: Tuple[int, ...] = (1, 2, 4, 4, 4)
+    disc_mults: Tuple[int, ...] = (1, 2, 4)  # level widths x disc_channels: 128 -> 128 -> 256 -> 512
     disc_groups: int = 32
     latent_channels: int = 32
     downsample_ratio: float = 0.5

@@ -64,10 +64,12 @@ class ResidualMLP(nn.Module):
         return x + self.mlp(x)
 
 
-class Adapter(nn.Module):
-    """Understanding features (B, N, d_llm) -> latent tokens (B, N, latent_channels)."""
+class Adapter(ModelMixin, ConfigMixin):
+    """Understanding features (B, N, d_llm) -> latent tokens (B, N, latent_channels). A
+    diffusers model (config + save_pretrained), so the generator's pipeline loads it too."""
 
-    def __init__(self, dim: int, latent_channels: int = 32, num_blocks: int = 3):
+    @register_to_config
+    def __init__(self, dim: int = 896, latent_channels: int = 32, num_blocks: int = 3):
         super().__init__()
         self.down_blocks = nn.ModuleList(ResidualMLP(dim) for _ in range(num_blocks))
         self.down_mlp = nn.Sequential(nn.LayerNorm(dim), TruncNormalLinear(dim, latent_channels), nn.GELU(),
@@ -77,6 +79,13 @@ class Adapter(nn.Module):
         for block in self.down_blocks:
             x = block(x)
         return self.down_mlp(x)
+
+    def to_latent(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, N, d_llm) features of a square image -> (B, latent_channels, sqrt N, sqrt N)."""
+        z = self(feats)
+        b, n, c = z.shape
+        side = int(n ** 0.5)
+        return z.transpose(1, 2).reshape(b, c, side, side)
 
 
 # ---------------------------------------------------------------------------------------
@@ -226,10 +235,7 @@ class UniLIP(nn.Module):
         return self.vision(self.normalize(images))
 
     def latent_from_features(self, feats: torch.Tensor) -> torch.Tensor:
-        z = self.adapter(feats)  # (B, N, 32)
-        b, n, c = z.shape
-        side = int(n ** 0.5)
-        return z.transpose(1, 2).reshape(b, c, side, side)
+        return self.adapter.to_latent(feats)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 32, H/28, W/28) latent."""
@@ -237,12 +243,13 @@ class UniLIP(nn.Module):
 
     def decode(self, latent: torch.Tensor, size: Optional[tuple] = None) -> torch.Tensor:
         """Latent -> fp32 images in [0, 1] (unclamped), resized to `size` (default: the size
-        the encoder would have taken, 28 px per latent cell)."""
+        the encoder would have taken, 28 px per latent cell). The resize is the reference's:
+        bilinear, align_corners=False, no antialias (its released weights were trained so)."""
         out = self.dcae(latent).float()  # [-1, 1], x32; fp32 from here (losses, bf16-less CPU resize)
         if size is None:
             size = (latent.shape[-2] * 28, latent.shape[-1] * 28)
         if tuple(out.shape[-2:]) != tuple(size):
-            out = F.interpolate(out, size=size, mode="bilinear", align_corners=False, antialias=True)
+            out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
         return (out + 1) / 2
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -289,3 +296,34 @@ def internvl_vision_state_dict(path: str | Path) -> Dict[str, torch.Tensor]:
 def load_internvl_vision(vision: VisionPath, path: str | Path) -> None:
     load_state_dict_into(vision, internvl_vision_state_dict(path), strict=True,
                          what=f"InternVL vision {path}")
+
+
+# ---------------------------------------------------------------------------------------
+# any input size (the reference's 256 px evaluation)
+# ---------------------------------------------------------------------------------------
+PATCH_MULTIPLE = 28  # patch 14 x pixel shuffle 2: one latent cell
+
+
+def reconstruct_padded(model: UniLIP, images: torch.Tensor) -> torch.Tensor:
+    """Reconstruct images of any size as the reference evaluates 256 px: reflect-pad (split
+    evenly, the extra pixel at the bottom / right) to a multiple of 28, encode, decode (x32),
+    resize by 28/32 (bilinear, align_corners=True), crop the padding. fp32 in [0, 1], unclamped."""
+    h, w = images.shape[-2:]
+    ph, pw = -h % PATCH_MULTIPLE, -w % PATCH_MULTIPLE
+    top, left = ph // 2, pw // 2
+    x = F.pad(images, (left, pw - left, top, ph - top), mode="reflect") if ph or pw else images
+    out = model.dcae(model.encode(x)).float()
+    hp, wp = out.shape[-2:]
+    out = F.interpolate(out, size=(round(hp * 28 / 32), round(wp * 28 / 32)), mode="bilinear",
+                        align_corners=True)
+    out = out[..., top:top + h, left:left + w]
+    return (out + 1) / 2
+
+
+def reconstruct_any(model: UniLIP, images: torch.Tensor) -> torch.Tensor:
+    """Multiples of 28 (224, 448): the training path (`model(images)`); other sizes:
+    `reconstruct_padded`."""
+    h, w = images.shape[-2:]
+    if h % PATCH_MULTIPLE == 0 and w % PATCH_MULTIPLE == 0:
+        return model(images)
+    return reconstruct_padded(model, images)
