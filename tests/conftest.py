@@ -5,7 +5,7 @@ import os
 import time
 from pathlib import Path
 
-pytest_plugins = ["tests.fixtures_data"]
+pytest_plugins = ["tests.fixtures_data", "tests.fixtures_gen"]
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))

@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from unilip_ds.data.config import DataConfig
 from unilip_ds.models.config import ModelConfig
-from unilip_ds.tasks.config import ReconConfig
+from unilip_ds.tasks.config import GenConfig, ReconConfig
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -50,6 +50,9 @@ class TrainConfig:
     stop_after: int = 0
     eval_every: int = 0  # 0 = no periodic evaluation (on data.eval.urls, EMA weights)
     eval_batches: int = 8  # held-out batches per evaluation
+    # generator: sample grids for fixed prompts (gen.sample_prompts) every this many steps
+    # (0 = never), PNGs under <run.output_dir>/samples/ and in W&B
+    sample_every: int = 0
 
 
 @dataclass
@@ -104,6 +107,7 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     recon: ReconConfig = field(default_factory=ReconConfig)
+    gen: GenConfig = field(default_factory=GenConfig)
 
 
 def _error(exc: OmegaConfBaseException) -> ConfigError:

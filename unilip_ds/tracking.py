@@ -65,6 +65,21 @@ class Tracker:
                          "data_wait_frac") if k in metrics]
         log.info(f"step {step} " + " ".join(f"{k}={_fmt(metrics[k])}" for k in keys))
 
+    def log_images(self, step: int, images: Dict[str, Any]) -> list:
+        """PIL images -> <run.output_dir>/samples/step<step>_<name>.png and W&B."""
+        if self.rank != 0:
+            return []
+        out = self.out / "samples"
+        out.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for name, im in images.items():
+            paths.append(out / f"step{step:07d}_{name}.png")
+            im.save(paths[-1])
+        if self.wandb is not None:
+            import wandb
+            self.wandb.log({f"samples/{k}": wandb.Image(v) for k, v in images.items()}, step=step)
+        return paths
+
     def close(self) -> None:
         if self.rank != 0:
             return

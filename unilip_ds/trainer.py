@@ -102,7 +102,8 @@ class Trainer:
         from unilip_ds.data import SkipTracker, build_eval_batches, build_train_loader
         self.loader = build_train_loader(cfg, self.rank, self.world)
         self.skips = SkipTracker.from_config(cfg)  # worker counters resume with the stream
-        self.eval_batches = build_eval_batches if cfg.train.eval_every else None
+        has_eval = bool(cfg.data.eval.urls or cfg.data.eval.sources)
+        self.eval_batches = build_eval_batches if has_eval else None
 
         self.step = 0
         run_id = None
@@ -132,7 +133,7 @@ class Trainer:
         counts: Dict[str, int] = defaultdict(int)
         window = {"time": 0.0, "wait": 0.0, "steps": 0}
         first = self.step
-        if self.eval_batches is not None and self.step == 0:
+        if cfg.train.eval_every and self.step == 0:
             self.evaluate()  # the baseline the run improves on
         while self.step < cfg.train.max_steps:
             t_step = time.perf_counter()
@@ -171,8 +172,10 @@ class Trainer:
                 self._log(sums, counts, window, lrs)
                 sums.clear(), counts.clear()
                 window = {"time": 0.0, "wait": 0.0, "steps": 0}
-            if self.eval_batches is not None and self.step % cfg.train.eval_every == 0:
+            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
                 self.evaluate()
+            if cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
+                self.write_samples()
             if self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.train.max_steps \
                     or stop:
                 self.save()
@@ -212,13 +215,26 @@ class Trainer:
     def evaluate(self) -> Dict[str, float]:
         # every rank evaluates the same held-out batches: under ZeRO-3 each forward is a
         # collective, so ranks must run the same forwards (the eval set is small)
-        batches = [to_device(b, self.device) for b in
-                   self.eval_batches(self.cfg, 0, 1, max_batches=self.cfg.train.eval_batches)]
+        batches = self._held_out()
         ctx = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
         with ctx, torch.no_grad():
             metrics = self.task.evaluate(self.engines, batches)
         self.tracker.log(self.step, metrics)
         return metrics
+
+    def _held_out(self):
+        return [to_device(b, self.device) for b in
+                self.eval_batches(self.cfg, 0, 1, max_batches=self.cfg.train.eval_batches)]
+
+    def write_samples(self) -> None:
+        """Sample grids (every rank runs the forwards; rank 0 writes PNGs and logs them)."""
+        t0 = time.perf_counter()
+        held_out = self._held_out() if self.eval_batches is not None else None
+        with torch.no_grad():
+            grids = self.task.samples(self.engines, self.step, held_out)
+        if self.rank == 0 and grids:
+            paths = self.tracker.log_images(self.step, grids)
+            log.info(f"samples: {', '.join(str(p) for p in paths)} ({time.perf_counter() - t0:.1f}s)")
 
     def save(self) -> None:
         t0 = time.perf_counter()

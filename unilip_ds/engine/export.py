@@ -12,7 +12,7 @@ import torch
 from unilip_ds.config import Config, from_dict, to_yaml
 from unilip_ds.engine import checkpoint
 from unilip_ds.engine.ema import consolidate
-from unilip_ds.engine.weights import load_state_dict_into, save_component
+from unilip_ds.engine.weights import load_state_dict_into
 from unilip_ds.tasks.base import MAIN, build_task
 
 
@@ -67,10 +67,7 @@ def export(run_dir: str | Path, out: str | Path, use_ema: bool = True,
     modules = task.build_modules()
     load_state_dict_into(modules[MAIN], sd, strict=True, what=f"checkpoint of {run_dir}")
     out.mkdir(parents=True, exist_ok=True)
-    comps = task.export_components(modules[MAIN])
-    for name, comp in comps.items():
-        save_component(comp, out / name)
+    info["components"] = task.write_export(modules[MAIN], out)
     (out / "config.yaml").write_text(to_yaml(cfg))
-    info["components"] = sorted(comps)
     (out / "export.json").write_text(json.dumps(info, indent=1))
     return info

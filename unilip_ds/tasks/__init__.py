@@ -1,3 +1,3 @@
 """Training tasks. Importing this package registers them."""
 
-from unilip_ds.tasks import recon  # noqa: F401
+from unilip_ds.tasks import gen, recon  # noqa: F401

@@ -112,6 +112,20 @@ class Task(ABC):
         Library classes (transformers / diffusers) are written with save_pretrained."""
         return {MAIN: module}
 
+    def write_export(self, module: nn.Module, out) -> List[str]:
+        """Write the `MAIN` module's export into the (new, empty) directory `out`; returns
+        the component names written."""
+        from unilip_ds.engine.weights import save_component
+        comps = self.export_components(module)
+        for name, comp in comps.items():
+            save_component(comp, out / name)
+        return sorted(comps)
+
+    def samples(self, engines: Mapping[str, nn.Module], step: int, eval_batches) -> Dict[str, object]:
+        """Images to write and log every train.sample_every steps ({name: PIL image}); runs
+        on every rank (the same forwards, for ZeRO-3)."""
+        return {}
+
     def init_from(self, modules: Mapping[str, nn.Module], path: str) -> None:
         """Weights-only start from a previous stage's export (`model.init_from`)."""
         from pathlib import Path

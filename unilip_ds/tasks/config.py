@@ -1,18 +1,24 @@
 """Task sections of the config tree (loss weights etc.; pure dataclasses)."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 
 @dataclass
 class ReconConfig:
     """The UniLIP autoencoder stages (recon_stage1 / recon_stage2 / recon_stage2_448)."""
     mse_weight: float = 1.0
-    # perceptual = LPIPS + logits_weight x MSE of ConvNeXt-S logits; the sum is weighted by this
+    # perceptual = (LPIPS + logits_weight x MSE of ConvNeXt-S logits) / (1 + logits_weight),
+    # weighted by perceptual_weight: 1.1 x (LPIPS + 0.1 x logits) / 1.1, as the reference
     perceptual_weight: float = 1.1
     logits_weight: float = 0.1
     # self-distillation (student projector output vs the frozen original's); > 0 needs
-    # train_encoder and builds the teacher copy
+    # train_encoder and a teacher (teacher_path, else model.internvl_path)
     distill_weight: float = 0.0
+    # the ORIGINAL encoder + projector the student distils to: an InternVL checkpoint (-hf or
+    # remote-code layout) or a recon export whose encoder was not trained (a recon_stage1
+    # export). Unset: model.internvl_path
+    teacher_path: Optional[str] = None
     gan_weight: float = 0.1
     gan_start_step: int = -1  # -1: no GAN (and no discriminator engine)
     lecam_weight: float = 0.001
@@ -22,3 +28,36 @@ class ReconConfig:
     # optim.lr x encoder_lr_scale
     train_encoder: bool = False
     encoder_lr_scale: float = 0.1
+    # FID InceptionV3 weights (pt_inception-2015-12-05 file): periodic evaluation also
+    # reports rFID; unset: PSNR / SSIM only
+    inception_path: Optional[str] = None
+
+
+@dataclass
+class GenConfig:
+    """The generator stages (gen_stage1 / gen_stage2 / gen_stage3), DESIGN 2.2."""
+    # dcae: the SANA's own DC-AE latent space (gen_stage1, DiT frozen); unilip: the UniLIP
+    # latent space (gen_stage2/3)
+    target: str = "unilip"
+    # target latent x this; None = the flavor's (unilip: 10.6 at 1b, 9.5 at 2b; dcae: the
+    # DC-AE's scaling_factor 0.41407)
+    latent_scale: Optional[float] = None
+    train_dit: bool = True  # False: the DiT is frozen, gradients still flow through it
+    # a sample's prompt is replaced by the null prompt with this probability (CFG)
+    cfg_dropout: float = 0.1
+    # flow shift of the training sigmas; the reference's effective value is 1.0 (its
+    # scheduler config key is never read)
+    flow_shift_train: float = 1.0
+    # flow shift of sampling (DPM-Solver with flow sigmas); the reference's silent 3.0
+    flow_shift_sample: float = 3.0
+    # longest sequence (prompt + image tokens + <img> + queries); only the caption /
+    # instruction text is truncated to fit
+    max_length: int = 1024
+    # sample grids written every train.sample_every steps
+    sample_steps: int = 20
+    guidance_scale: float = 4.5
+    sample_prompts: List[str] = field(default_factory=lambda: [
+        "a photo of a cat sitting on a wooden table", "a red sports car on a mountain road",
+        "a bowl of fresh fruit, studio lighting", "an astronaut riding a horse on the moon"])
+    # edit pairs for the sample grids: taken from the first held-out edit batch, else none
+    sample_edits: int = 2

@@ -1,0 +1,106 @@
+"""Sampling from a GenModel: DPM-Solver multistep with flow sigmas and batched CFG.
+
+Used by UniLIPPipeline and by the sample grids written during training, so both produce
+the same images for the same weights, prompts and seeds.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+Generators = Optional[Union[torch.Generator, List[torch.Generator]]]
+
+
+def make_scheduler(flow_shift: float):
+    """SANA's sampling scheduler (its scheduler/scheduler_config.json), with the flow shift
+    an explicit setting (gen.flow_shift_sample; the reference's is 3.0)."""
+    from diffusers import DPMSolverMultistepScheduler
+    return DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift,
+        final_sigmas_type="zero", lower_order_final=True, timestep_spacing="linspace")
+
+
+def _pad_to(x: torch.Tensor, length: int, value=0) -> torch.Tensor:
+    return F.pad(x, (0, 0, 0, length - x.shape[1]) if x.ndim == 3 else (0, length - x.shape[1]), value=value)
+
+
+@torch.no_grad()
+def sample(model, builder, task: str, texts: Sequence[Optional[str]], ref_images: Optional[torch.Tensor] = None,
+           steps: int = 20, guidance: float = 4.5, flow_shift: float = 3.0, generator: Generators = None,
+           num_images_per_prompt: int = 1, scheduler=None) -> torch.Tensor:
+    """Images in [0, 1] (B x num_images_per_prompt, 3, R, R), prompt-major order. Unconditional
+    rows use the null prompt (edit: it keeps the image); [uncond, cond] run in one forward."""
+    device = model.connector.projector.weight.device
+    b = len(texts)
+    feats = model.image_features(ref_images.to(device)) if ref_images is not None else None
+    enc, mask = model.condition(model.prefix(builder(task, list(texts)).to(device), feats))
+    if guidance != 1.0:
+        enc_u, mask_u = model.condition(model.prefix(builder(task, [None] * b).to(device), feats))
+        t = max(enc.shape[1], enc_u.shape[1])
+        enc = torch.cat([_pad_to(enc_u, t), _pad_to(enc, t)])
+        mask = torch.cat([_pad_to(mask_u, t, False), _pad_to(mask, t, False)])
+    n = num_images_per_prompt
+    enc, mask = enc.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
+    side = model.resolution // (32 if model.target == "dcae" else 28)
+    shape = (b * n, model.transformer.config.in_channels, side, side)
+    from diffusers.utils.torch_utils import randn_tensor
+    latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+    scheduler = scheduler or make_scheduler(flow_shift)
+    scheduler.set_timesteps(steps, device=device)
+    for t in scheduler.timesteps:
+        x = torch.cat([latents, latents]) if guidance != 1.0 else latents
+        v = model.velocity(x, t.expand(x.shape[0]), enc, mask).float()
+        if guidance != 1.0:
+            v_u, v_c = v.chunk(2)
+            v = v_u + guidance * (v_c - v_u)
+        latents = scheduler.step(v, t, latents, generator=generator).prev_sample
+    return model.decode(latents)
+
+
+def to_pil(images: torch.Tensor) -> List[Image.Image]:
+    arr = (images.clamp(0, 1).permute(0, 2, 3, 1).cpu().float().numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in arr]
+
+
+def grid(rows: List[List[Image.Image]]) -> Image.Image:
+    """Images pasted row by row (all the same size)."""
+    w, h = rows[0][0].size
+    out = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
+    for i, row in enumerate(rows):
+        for j, im in enumerate(row):
+            out.paste(im.resize((w, h)), (j * w, i * h))
+    return out
+
+
+def sample_grids(model, builder, cfg, eval_batches=None) -> Dict[str, Image.Image]:
+    """The training-time grids: the fixed prompts (seed i for prompt i), and held-out edit
+    pairs as rows [input | edited | target]. Same forwards on every rank (ZeRO-3)."""
+    g = cfg.gen
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        out = {}
+        if g.sample_prompts:
+            gens = [torch.Generator().manual_seed(i) for i in range(len(g.sample_prompts))]
+            images = sample(model, builder, "t2i", g.sample_prompts, steps=g.sample_steps,
+                            guidance=g.guidance_scale, flow_shift=g.flow_shift_sample, generator=gens)
+            out["t2i"] = grid([to_pil(images)])
+        edits = [b for b in (eval_batches or []) if b["__task__"] == "edit"][:1]
+        if edits and g.sample_edits:
+            b, k = edits[0], g.sample_edits
+            gens = [torch.Generator().manual_seed(i) for i in range(min(k, len(b["__key__"])))]
+            edited = sample(model, builder, "edit", b["instruction"][:k], b["input_image"][:k],
+                            steps=g.sample_steps, guidance=g.guidance_scale,
+                            flow_shift=g.flow_shift_sample, generator=gens)
+            cols = [to_pil(b["input_image"][:k].float()), to_pil(edited), to_pil(b["image"][:k].float())]
+            out["edit"] = grid([list(r) for r in zip(*cols)])
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return out

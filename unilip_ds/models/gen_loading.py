@@ -1,0 +1,217 @@
+"""Building the generator from config and filling it from the user's weight directories.
+
+Sources, for a fresh gen_stage1 (`load_pretrained`):
+  model.internvl_path  InternVL3 `-hf` directory: the MLLM (config, weights, tokenizer); its
+                       language model's last layers + final norm initialise the connector
+  model.unilip_path    a recon export (launch/export.py): its encoder + mlp1 become the MLLM's
+                       vision path, its adapter / decoder define the UniLIP latent space
+  model.sana_path      a SANA diffusers directory (`transformer/` is read)
+  model.dcae_path      a diffusers AutoencoderDC directory (gen.target=dcae only)
+and for every later stage `model.init_from` = a gen export (a UniLIPPipeline directory),
+which carries every component, tokenizer included.
+
+All checks run before any process group and fail with one line naming the key or path.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Optional
+
+from unilip_ds.config import ConfigError
+from unilip_ds.engine.weights import (full_state_dict, load_component, load_state_dict_into,
+                                      read_weights_dir)
+
+# transformers' legacy InternVL `-hf` key layout (as published) -> the current one
+_LEGACY_KEYS = ((r"^language_model\.model\.", "model.language_model."),
+                (r"^language_model\.lm_head\.", "lm_head."),
+                (r"^vision_tower\.", "model.vision_tower."),
+                (r"^multi_modal_projector\.", "model.multi_modal_projector."))
+
+
+def _path(cfg, key: str) -> Optional[Path]:
+    value = getattr(cfg.model, key)
+    return Path(value) if value else None
+
+
+def _need(path: Path, what: str, key: str) -> None:
+    if not path.exists():
+        raise ConfigError(f"config key '{key}': {what} {path} does not exist")
+
+
+def check_paths(cfg) -> None:
+    """Every directory the run will read, before any process group exists."""
+    m, g = cfg.model, cfg.gen
+    if m.init_from:
+        root = Path(m.init_from)
+        _need(root, "gen export", "model.init_from")
+        for name in ("mllm", "tokenizer", "connector", "transformer", "adapter", "decoder"):
+            _need(root / name, f"component '{name}' of the export", "model.init_from")
+        if not (root / "model_index.json").is_file():
+            raise ConfigError(f"config key 'model.init_from': {root} is not a gen export "
+                              "(no model_index.json; recon exports go to model.unilip_path)")
+        if g.target == "dcae" and not (root / "dcae").exists() and not m.dcae_path:
+            raise ConfigError("config key 'model.dcae_path': gen.target=dcae and the export "
+                              f"{root} holds no DC-AE")
+        _check_export_flavor(root, m.flavor, "model.init_from")
+        return
+    paths = {"internvl_path": "InternVL3 -hf directory", "unilip_path": "recon export",
+             "sana_path": "SANA diffusers directory"}
+    if g.target == "dcae":
+        paths["dcae_path"] = "DC-AE directory"
+    for key, what in paths.items():
+        p = _path(cfg, key)
+        if p is None:
+            if m.flavor != "tiny":
+                raise ConfigError(f"config key 'model.{key}': flavor {m.flavor} needs the {what} "
+                                  "(or model.init_from = a gen export)")
+            continue
+        _need(p, what, f"model.{key}")
+    if _path(cfg, "internvl_path"):
+        _need(_path(cfg, "internvl_path") / "config.json", "config.json of the InternVL3 directory",
+              "model.internvl_path")
+    if _path(cfg, "unilip_path"):
+        u = _path(cfg, "unilip_path")
+        for name in ("vision", "adapter", "decoder"):
+            _need(u / name, f"component '{name}' of the recon export", "model.unilip_path")
+        _check_export_flavor(u, m.flavor, "model.unilip_path")
+    if _path(cfg, "sana_path"):
+        _need(_path(cfg, "sana_path") / "transformer", "transformer/ of the SANA directory",
+              "model.sana_path")
+
+
+def _check_export_flavor(root: Path, flavor: str, key: str) -> None:
+    saved = root / "config.yaml"
+    if saved.is_file():
+        from omegaconf import OmegaConf
+        theirs = OmegaConf.select(OmegaConf.load(saved), "model.flavor")
+        if theirs and theirs != flavor:
+            raise ConfigError(f"config key '{key}': {root} is an export of flavor '{theirs}', "
+                              f"this run is model.flavor={flavor}")
+
+
+def load_tokenizer(cfg):
+    from transformers import AutoTokenizer
+    src = Path(cfg.model.init_from) / "tokenizer" if cfg.model.init_from else _path(cfg, "internvl_path")
+    if src is None:
+        raise ConfigError("config key 'model.internvl_path': the generator needs the InternVL3 "
+                          "tokenizer (model.internvl_path, or model.init_from = a gen export)")
+    try:
+        return AutoTokenizer.from_pretrained(str(src))
+    except (OSError, ValueError) as exc:
+        key = "model.init_from" if cfg.model.init_from else "model.internvl_path"
+        raise ConfigError(f"config key '{key}': no tokenizer in {src}: "
+                          f"{str(exc).splitlines()[0]}") from None
+
+
+def mllm_config(cfg):
+    """InternVLConfig: from the checkpoint's config.json when there is one (rope, norms, ids
+    as published), else from the flavor; its dimensions must be the flavor's."""
+    from transformers import InternVLConfig
+    from unilip_ds.models.connector import resolve_attn_impl
+    from unilip_ds.models.flavors import get_flavor, internvl_config
+    flavor = get_flavor(cfg.model.flavor)
+    src = (Path(cfg.model.init_from) / "mllm" if cfg.model.init_from else _path(cfg, "internvl_path"))
+    if src is not None and (src / "config.json").is_file():
+        config = InternVLConfig.from_pretrained(str(src))
+        t = config.text_config
+        for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
+            if getattr(t, k) != flavor.text[k]:
+                raise ConfigError(f"config key 'model.flavor': {src} has text_config.{k}="
+                                  f"{getattr(t, k)}, flavor {flavor.name} has {flavor.text[k]}")
+    else:
+        config = internvl_config(flavor)
+    config._attn_implementation = resolve_attn_impl(cfg.model.attn_impl)
+    return config
+
+
+def build_gen_model(cfg, latent_scale: float):
+    """GenModel from config only (meta device / zero.Init friendly: no weights read)."""
+    from diffusers import AutoencoderDC, SanaTransformer2DModel
+    from transformers import InternVLForConditionalGeneration
+    from unilip_ds.models.connector import QueryConnector
+    from unilip_ds.models.flavors import get_flavor
+    from unilip_ds.models.generator import GenModel
+    from unilip_ds.models.unilip import Adapter, DCAEDecoder
+    flavor = get_flavor(cfg.model.flavor)
+    config = mllm_config(cfg)
+    mllm = InternVLForConditionalGeneration(config)
+    connector = QueryConnector(text_config=config.text_config.to_dict(), num_layers=flavor.connector_layers,
+                               num_queries=flavor.num_queries,
+                               caption_channels=flavor.sana["caption_channels"])
+    connector.set_attn_implementation(config._attn_implementation)
+    dcae = AutoencoderDC(**flavor.dcae) if cfg.gen.target == "dcae" else None
+    return GenModel(mllm, connector, SanaTransformer2DModel(**flavor.sana),
+                    Adapter(flavor.d_llm, flavor.latent_channels), DCAEDecoder(**flavor.dcae), dcae,
+                    target=cfg.gen.target, latent_scale=latent_scale, resolution=cfg.data.resolution,
+                    train_dit=cfg.gen.train_dit, grad_checkpointing=cfg.model.grad_checkpointing)
+
+
+def mllm_state_dict(path: Path) -> dict:
+    """An InternVL `-hf` checkpoint's tensors under InternVLForConditionalGeneration's keys."""
+    sd = read_weights_dir(path)
+    out = {}
+    for k, v in sd.items():
+        for pat, rep in _LEGACY_KEYS:
+            k = re.sub(pat, rep, k)
+        out[k] = v
+    return out
+
+
+def load_mllm(mllm, path: Path) -> None:
+    sd = mllm_state_dict(path)
+    tied = getattr(mllm.config.get_text_config(), "tie_word_embeddings", False) or \
+        getattr(mllm.config, "tie_word_embeddings", False)
+    if "lm_head.weight" not in sd and tied:
+        sd["lm_head.weight"] = sd["model.language_model.embed_tokens.weight"]
+    load_state_dict_into(mllm, sd, strict=True, what=f"InternVL3 {path}")
+
+
+def init_connector(model) -> None:
+    """Connector = the LLM's last layers + final norm (queries N(0,1), projector default)."""
+    llm = model.llm
+    sd = model.connector.load_from_llm(full_state_dict(llm), len(llm.layers))
+    want = {k for k in model.connector.state_dict() if k.startswith(("layers.", "norm."))}
+    if set(sd) != want:
+        raise ValueError(f"connector init: keys {sorted(want ^ set(sd))[:3]} do not match")
+    load_state_dict_into(model.connector, sd, strict=False, what="connector from the LLM")
+
+
+def load_pretrained(model, cfg) -> None:
+    """A fresh gen_stage1: every frozen part from its published files."""
+    from unilip_ds.models.unilip import load_vision_into_internvl
+    if _path(cfg, "internvl_path"):
+        load_mllm(model.mllm, _path(cfg, "internvl_path"))
+    if _path(cfg, "unilip_path"):
+        u = _path(cfg, "unilip_path")
+        load_vision_into_internvl(model.mllm, u / "vision")
+        load_component(model.adapter, u / "adapter")
+        load_component(model.decoder, u / "decoder")
+    init_connector(model)
+    if _path(cfg, "sana_path"):
+        load_component(model.transformer, _path(cfg, "sana_path") / "transformer")
+    if model.dcae is not None and _path(cfg, "dcae_path"):
+        load_component(model.dcae, _path(cfg, "dcae_path"))
+
+
+def load_export(model, path: str, cfg) -> None:
+    """Every component from a gen export (`model.init_from`). A component this stage has
+    but the export lacks is an error naming it; the DC-AE may come from model.dcae_path."""
+    root = Path(path)
+    index = json.loads((root / "model_index.json").read_text()) if (root / "model_index.json").is_file() else {}
+    for name in ("mllm", "connector", "transformer", "adapter", "decoder", "dcae"):
+        comp = getattr(model, name)
+        if comp is None:
+            continue
+        src = root / name
+        if name == "dcae" and not src.exists() and _path(cfg, "dcae_path"):
+            src = _path(cfg, "dcae_path")
+        if not src.exists() or (name in index and index[name][0] is None):
+            raise ConfigError(f"config key 'model.init_from': the export {root} has no '{name}' "
+                              "component, which this stage needs")
+        if name == "mllm":
+            load_mllm(comp, src)
+        else:
+            load_component(comp, src)

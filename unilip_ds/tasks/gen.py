@@ -1,0 +1,206 @@
+"""The gen task: text-to-image and image editing on UniLIP latents (gen_stage1/2/3).
+
+One engine, "model" = GenModel. Trainable: the queries, the connector and the projector,
+plus the whole SANA DiT when `gen.train_dit` (stage 2/3). Everything else is frozen: the
+InternVL3 MLLM (whose vision path is the UniLIP encoder + mlp1), the UniLIP adapter and
+decoder, and in gen_stage1 the DC-AE that defines the target space.
+
+Per micro-batch (all-T2I or all-edit): tokenise the captions / instructions (each replaced by
+the null prompt with probability gen.cfg_dropout), then the rectified-flow loss of GenModel.
+Heavy libraries are imported lazily: `unilip_ds.config` imports this package.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+from unilip_ds.tasks.base import MAIN, ParamGroup, Task, register, split_decay
+
+log = logging.getLogger("unilip_ds")
+
+# export / pipeline component -> GenModel attribute
+COMPONENTS = ("mllm", "connector", "transformer", "adapter", "decoder", "dcae")
+
+
+def _error(key: str, msg: str):
+    from unilip_ds.config import ConfigError
+    return ConfigError(f"config key '{key}': {msg}")
+
+
+@register
+class GenTask(Task):
+    name = "gen"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        g = cfg.gen
+        if g.target not in ("unilip", "dcae"):
+            raise _error("gen.target", f"unilip or dcae, got '{g.target}'")
+        if not 0 <= g.cfg_dropout < 1:
+            raise _error("gen.cfg_dropout", f"must be in [0, 1), got {g.cfg_dropout}")
+        for key in ("flow_shift_train", "flow_shift_sample"):
+            if not getattr(g, key) > 0:
+                raise _error(f"gen.{key}", f"must be > 0, got {getattr(g, key)}")
+        if g.latent_scale is not None and not g.latent_scale > 0:
+            raise _error("gen.latent_scale", f"must be > 0, got {g.latent_scale}")
+        step = 32 if g.target == "dcae" else 28
+        if cfg.data.resolution % step:
+            raise _error("data.resolution", f"gen.target={g.target} needs a multiple of {step}, "
+                         f"got {cfg.data.resolution}")
+        tasks = {s.task for s in (cfg.data.train.sources or [])} or {cfg.data.train.task}
+        if not tasks <= {"t2i", "edit"}:
+            raise _error("data.train", f"the gen task reads t2i and edit sources, got {sorted(tasks)}")
+        if g.target == "dcae" and "edit" in tasks:
+            raise _error("data.train", "edit sources need gen.target=unilip (the reference image is "
+                         "encoded by UniLIP at 448 px)")
+        self._prompts = None
+        # import the model libraries now, not under deepspeed.zero.Init (see recon.py)
+        import diffusers  # noqa: F401
+        import unilip_ds.models.generator  # noqa: F401
+
+    # -- settings derived from the flavor --------------------------------------------------
+    @property
+    def flavor(self):
+        from unilip_ds.models.flavors import get_flavor
+        return get_flavor(self.cfg.model.flavor)
+
+    def latent_scale(self) -> float:
+        g, f = self.cfg.gen, self.flavor
+        if g.latent_scale is not None:
+            return g.latent_scale
+        return f.dcae["scaling_factor"] if g.target == "dcae" else f.unilip_latent_scale
+
+    def num_image_tokens(self) -> int:
+        return (self.cfg.data.resolution // 28) ** 2
+
+    # -- inputs --------------------------------------------------------------------------
+    def check_inputs(self) -> None:
+        from unilip_ds.config import ConfigError
+        from unilip_ds.models import gen_loading as L
+        from unilip_ds.models.prompts import PromptError
+        L.check_paths(self.cfg)
+        if self.cfg.model.init_from or self.cfg.model.internvl_path:
+            try:
+                self.prompts()
+            except PromptError as exc:
+                key = "model.init_from" if self.cfg.model.init_from else "model.internvl_path"
+                raise ConfigError(f"config key '{key}': {exc}") from None
+
+    def prompts(self):
+        """The PromptBuilder (tokenizer from the InternVL3 dir or the init_from export)."""
+        if self._prompts is None:
+            from unilip_ds.models import gen_loading as L
+            from unilip_ds.models.prompts import PromptBuilder
+            tok = L.load_tokenizer(self.cfg)
+            self._prompts = PromptBuilder(tok, self.num_image_tokens(), self.flavor.num_queries,
+                                          self.cfg.gen.max_length)
+        return self._prompts
+
+    # -- building ------------------------------------------------------------------------
+    def build_modules(self) -> Dict[str, nn.Module]:
+        from unilip_ds.models import gen_loading as L
+        return {MAIN: L.build_gen_model(self.cfg, self.latent_scale())}
+
+    def load_pretrained(self, modules: Mapping[str, nn.Module]) -> None:
+        from unilip_ds.models import gen_loading as L
+        L.load_pretrained(modules[MAIN], self.cfg)
+
+    def init_from(self, modules: Mapping[str, nn.Module], path: str) -> None:
+        from unilip_ds.models import gen_loading as L
+        L.load_export(modules[MAIN], path, self.cfg)
+
+    def param_groups(self, name: str, module: nn.Module) -> List[ParamGroup]:
+        wd = self.cfg.optim.weight_decay
+        groups = split_decay(module.connector, f"{name}.connector", wd)
+        if module.train_dit:
+            groups += split_decay(module.transformer, f"{name}.dit", wd)
+        return groups
+
+    # -- stepping ------------------------------------------------------------------------
+    def _inputs(self, batch: dict, null: Optional[torch.Tensor]):
+        task = batch["__task__"]
+        texts = batch["caption"] if task == "t2i" else batch["instruction"]
+        if null is not None:
+            texts = [None if drop else t for t, drop in zip(texts, null.tolist())]
+        device = batch["image"].device
+        prompts = self.prompts()(task, texts).to(device)
+        return prompts, (batch["input_image"] if task == "edit" else None)
+
+    def null_mask(self, n: int) -> torch.Tensor:
+        """Rows whose prompt becomes the null prompt (CFG dropout); the default CPU generator
+        is in every checkpoint, so a resumed run draws the same."""
+        return torch.rand(n) < self.cfg.gen.cfg_dropout
+
+    def loss(self, phase: str, batch: dict, step: int,
+             engines: Mapping[str, nn.Module]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        null = self.null_mask(len(batch["__key__"]))
+        prompts, ref = self._inputs(batch, null)
+        out = engines[MAIN](prompts, image=batch["image"], ref_image=ref,
+                            shift=self.cfg.gen.flow_shift_train)
+        loss = out["loss"].mean()
+        task = batch["__task__"]
+        logs = {"loss/flow": loss.detach(), f"loss/flow_{task}": loss.detach(),
+                "data/cfg_null_frac": null.float().mean(),
+                "data/truncated_prompts": torch.tensor(float(prompts.truncated))}
+        return loss, logs
+
+    @torch.no_grad()
+    def evaluate(self, engines: Mapping[str, nn.Module], batches) -> Dict[str, float]:
+        """Held-out flow loss at fixed sigmas and noise (comparable across steps)."""
+        model = getattr(engines[MAIN], "module", engines[MAIN])
+        modes = {m: m.training for m in model.modules()}
+        model.eval()
+        gen = torch.Generator().manual_seed(0)
+        totals: Dict[str, list] = {}
+        try:
+            for batch in batches:
+                prompts, ref = self._inputs(batch, None)
+                b = len(batch["__key__"])
+                u = (torch.arange(b, dtype=torch.float64) + 0.5) / b
+                x0 = model.target_latent(batch["image"])
+                noise = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
+                out = model(prompts, target=x0, ref_image=ref, u=u.float(), noise=noise,
+                            shift=self.cfg.gen.flow_shift_train)
+                totals.setdefault(batch["__task__"], []).append(out["loss"].float().cpu())
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+        metrics = {f"eval/flow_{t}": torch.cat(v).mean().item() for t, v in totals.items()}
+        if totals:
+            metrics["eval/flow"] = torch.cat([torch.cat(v) for v in totals.values()]).mean().item()
+        return metrics
+
+    def samples(self, engines: Mapping[str, nn.Module], step: int, eval_batches) -> Dict[str, object]:
+        """Sample grids for the fixed prompts (and held-out edit pairs): {name: PIL image}."""
+        from unilip_ds.inference.sampling import sample_grids
+        model = getattr(engines[MAIN], "module", engines[MAIN])
+        return sample_grids(model, self.prompts(), self.cfg, eval_batches)
+
+    # -- export --------------------------------------------------------------------------
+    def export_components(self, module: nn.Module) -> Dict[str, nn.Module]:
+        return {name: getattr(module, name) for name in COMPONENTS if getattr(module, name) is not None}
+
+    def write_export(self, module: nn.Module, out: Path) -> List[str]:
+        """The export is a UniLIPPipeline directory (diffusers layout, one from_pretrained)."""
+        from unilip_ds.inference.pipeline import UniLIPPipeline
+        pipe = UniLIPPipeline.from_gen_model(module, self.prompts().tokenizer, self.cfg)
+        pipe.save_pretrained(str(out))
+        return sorted(pipe.components)
+
+    def components(self, modules: Mapping[str, nn.Module]) -> Dict[str, nn.Module]:
+        m = modules[MAIN]
+        out = {"queries": m.connector.queries,
+               f"connector ({len(m.connector.layers)} layers)": m.connector.layers,
+               "connector norm": m.connector.norm,
+               "projector": m.connector.projector,
+               "DiT (SANA)" + ("" if m.train_dit else ", frozen"): m.transformer,
+               "MLLM (frozen)": m.mllm,
+               "UniLIP adapter+decoder (frozen)": nn.ModuleList([m.adapter, m.decoder])}
+        if m.dcae is not None:
+            out["DC-AE (frozen)"] = m.dcae
+        return out
