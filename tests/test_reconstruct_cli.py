@@ -94,8 +94,25 @@ def test_bad_inputs_one_line_errors(export, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ReconstructError, match="no images found"):
         reconstruct(ckpt, [str(tmp_path / "empty")], tmp_path / "o")
-    with pytest.raises(ReconstructError, match="multiple of 28"):
-        reconstruct(ckpt, [str(tmp_path / "empty")], tmp_path / "o", resolution=30)
+    with pytest.raises(ReconstructError, match=">= 28"):
+        reconstruct(ckpt, [str(tmp_path / "empty")], tmp_path / "o", resolution=20)
+
+
+def test_any_size_through_the_reference_pad_path(export, inputs, tmp_path):
+    """A size that is not a multiple of 28 (the paper's 256 px) is reconstructed as the
+    reference evaluates it (reflect-pad, decode, 28/32 resize, crop), not refused."""
+    from unilip_ds.inference.reconstruct import to_tensor
+    from unilip_ds.models.unilip import reconstruct_padded
+    ckpt, model = export
+    d, _ = inputs
+    summary = reconstruct(ckpt, [str(d / "astronaut.png")], tmp_path / "o", resolution=64)
+    assert summary["resolution"] == 64
+    rec = np.asarray(Image.open(tmp_path / "o" / "astronaut.recon.png"), dtype=np.float32) / 255
+    assert rec.shape == (64, 64, 3)
+    x = to_tensor(Image.open(d / "astronaut.png").convert("RGB"), 64)[None]
+    with torch.no_grad():
+        want = reconstruct_padded(model, x)[0].clamp(0, 1).permute(1, 2, 0).numpy()
+    assert np.abs(rec - want).max() < 1.5 / 255
 
 
 def test_cli_entry_point(export, inputs, tmp_path):

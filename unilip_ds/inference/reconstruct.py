@@ -5,8 +5,10 @@
 
 The export dir holds `config.yaml` (the resolved run config) and one sub-dir per component
 (vision / adapter / decoder). Images are resized (shorter side) and centre-cropped to
---resolution (default: the run's data.resolution). Writes one PNG per reconstruction and
-`grid.png` (original | reconstruction per row); prints per-image and mean PSNR / SSIM as JSON.
+--resolution (default: the run's data.resolution); any size works: multiples of 28 go the
+training path, others (e.g. 256) the reference's reflect-pad path (`unilip.reconstruct_padded`).
+Writes one PNG per reconstruction and `grid.png` (original | reconstruction per row); prints
+per-image and mean PSNR / SSIM (data range 1, on the uint8-rounded reconstruction) as JSON.
 """
 
 from __future__ import annotations
@@ -93,11 +95,12 @@ def to_image(t: torch.Tensor) -> Image.Image:
 
 
 def reconstruct(ckpt, images: List[str], out: str | Path, resolution: int = 0, batch_size: int = 8) -> dict:
-    from unilip_ds.evaluation.metrics import psnr, ssim
+    from unilip_ds.evaluation.metrics import psnr, ssim, to_uint8_levels
+    from unilip_ds.models.unilip import reconstruct_any
+    if resolution and resolution < 28:
+        raise ReconstructError(f"--resolution: must be >= 28, got {resolution}")
     model, cfg = load_autoencoder(ckpt)
     res = resolution or cfg.data.resolution
-    if res % 28:
-        raise ReconstructError(f"--resolution: must be a multiple of 28 (patch 14 x pixel shuffle 2), got {res}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     named = [(n, to_tensor(img, res)) for n, img in iter_images(images)]
@@ -108,7 +111,7 @@ def reconstruct(ckpt, images: List[str], out: str | Path, resolution: int = 0, b
         for i in range(0, len(named), batch_size):
             chunk = named[i:i + batch_size]
             x = torch.stack([t for _, t in chunk])
-            y = model(x).float().clamp(0, 1)
+            y = to_uint8_levels(reconstruct_any(model, x))
             for (name, orig), rec, p, s in zip(chunk, y, psnr(y, x), ssim(y, x)):
                 stem = name.replace("/", "__").rsplit(".", 1)[0]
                 to_image(rec).save(out / f"{stem}.recon.png")
