@@ -65,3 +65,21 @@ def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
         raise AssertionError(f"rc={proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n"
                              f"--- stderr\n{proc.stderr[-6000:]}")
     return proc
+
+
+def tiny_gen_args(out: Path, stage: str, assets, t2i: str, edit: Optional[str] = None, steps: int = 4,
+                  ds: str = "ds_configs/zero3.json", init_from: Optional[Path] = None,
+                  extra: Optional[List[str]] = None) -> List[str]:
+    """A gen stage on the tiny flavor: gen_stage1 from the tiny InternVL / recon export /
+    SANA / DC-AE directories, later stages from `init_from` (a gen export) on T2I + edit."""
+    args = ["--config", stage, "--ds_config", ds, f"run.output_dir={out}", "data.num_workers=1",
+            "data.shuffle_buffer=8", f"train.max_steps={steps}", "train.micro_batch_size=2",
+            "train.log_every=1", "optim.warmup_steps=2", "checkpoint.every_steps=2", "wandb.mode=offline",
+            "train.precision=fp32"]
+    if stage == "gen_stage1":
+        args += assets.overrides("dcae") + [f"data.train.urls=[{t2i}]"]
+    else:
+        args += ["model.flavor=tiny", "data.resolution=224", f"model.init_from={init_from}",
+                 "data.train.sources=[{name: t2i, task: t2i, weight: 0.5, urls: [%s]}, "
+                 "{name: edit, task: edit, weight: 0.5, urls: [%s]}]" % (t2i, edit)]
+    return args + list(extra or [])

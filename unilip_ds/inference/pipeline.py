@@ -23,6 +23,10 @@ from diffusers import DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from PIL import Image
 
+# the custom components' modules: diffusers resolves model_index.json's entries from
+# sys.modules for libraries other than its own and transformers
+import unilip_ds.models.connector  # noqa: F401,E402
+import unilip_ds.models.unilip  # noqa: F401,E402
 from unilip_ds.inference.sampling import make_scheduler, sample, to_pil
 
 

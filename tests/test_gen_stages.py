@@ -1,0 +1,180 @@
+"""The three generator stages as users chain them, 2 processes through launch/train.py and
+launch/export.py, on the tiny flavor from files in the real layouts:
+
+    gen_stage1 (ZeRO-3, torchrun)  from InternVL3 -hf + recon export + SANA + DC-AE directories
+      -> export (a UniLIPPipeline directory)
+      -> gen_stage2 (ZeRO-2, deepspeed launcher, T2I + edit batches) model.init_from=<export>
+      -> export -> gen_stage3 (ZeRO-3) -> export -> UniLIPPipeline.from_pretrained, generate/edit
+
+Frozen parts are compared bit for bit with the files they came from; what trains is checked
+to have moved (and the DiT only from stage 2).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict
+
+import numpy as np
+import pytest
+import torch
+
+from tests.launch_util import check, run, tiny_gen_args
+from unilip_ds.engine import checkpoint
+from unilip_ds.engine.export import consolidated
+from unilip_ds.engine.weights import read_weights_dir
+from unilip_ds.models.gen_loading import mllm_state_dict
+
+
+def _metrics(out: Path):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _component(export: Path, name: str) -> Dict[str, torch.Tensor]:
+    sd = mllm_state_dict(export / name) if name == "mllm" else read_weights_dir(export / name)
+    return {k: v.float() for k, v in sd.items()}
+
+
+def _same(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor], keys=None) -> bool:
+    keys = keys if keys is not None else a.keys()
+    return all(torch.equal(a[k].float(), b[k].float()) for k in keys)
+
+
+@pytest.fixture(scope="module")
+def chain(gen_assets, sample_shards, sample_edit_shards, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen_chain")
+    runs, exports = {}, {}
+    init = None
+    for stage, ds, launcher, steps in (("gen_stage1", "ds_configs/zero3.json", "torchrun", 4),
+                                       ("gen_stage2", "ds_configs/zero2.json", "deepspeed", 6),
+                                       ("gen_stage3", "ds_configs/zero3.json", "torchrun", 2)):
+        out = root / stage
+        extra = ["data.log_keys=true"]
+        check(run("launch/train.py", tiny_gen_args(out, stage, gen_assets, sample_shards.dir,
+                                                   sample_edit_shards.dir, steps=steps, ds=ds,
+                                                   init_from=init, extra=extra),
+                  nproc=2, launcher=launcher))
+        exports[stage] = root / f"{stage}_export"
+        check(run("launch/export.py", ["--run", str(out), "--out", str(exports[stage])]))
+        runs[stage] = out
+        init = exports[stage]
+    return runs, exports
+
+
+def test_stage1_trains_queries_and_connector_only(chain, gen_assets):
+    runs, exports = chain
+    out, exp = runs["gen_stage1"], exports["gen_stage1"]
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all("loss/flow" in r and "grad_norm/model" in r for r in rows)
+    assert checkpoint.latest_tag(out) == "step_00000004"
+    info = json.loads((exp / "export.json").read_text())
+    assert info["weights"] == "raw"  # the gen presets keep no EMA, as the reference
+    assert info["components"] == ["adapter", "connector", "dcae", "decoder", "mllm", "scheduler",
+                                  "tokenizer", "transformer"]
+    # frozen parts: bit-identical to the files they were loaded from
+    internvl = mllm_state_dict(gen_assets.internvl)
+    mllm = _component(exp, "mllm")
+    vision = {("model." + k if not k.startswith("model.") else k): v
+              for k, v in read_weights_dir(gen_assets.recon / "vision").items()}
+    assert _same(mllm, internvl, [k for k in mllm if "language_model" in k or k == "lm_head.weight"])
+    assert _same(mllm, vision, list(vision))  # the vision path is the recon export's encoder
+    assert _same(_component(exp, "transformer"), read_weights_dir(gen_assets.sana / "transformer"))
+    assert _same(_component(exp, "dcae"), read_weights_dir(gen_assets.dcae))
+    for name in ("adapter", "decoder"):
+        assert _same(_component(exp, name), read_weights_dir(gen_assets.recon / name))
+    # the connector started as the LLM's last layer and has trained
+    conn = _component(exp, "connector")
+    last = "model.language_model.layers.1."
+    start = {k: v for k, v in internvl.items() if k.startswith(last)}
+    assert not _same({k[len(last):]: v for k, v in start.items()},
+                     {k[len("layers.0."):]: v for k, v in conn.items() if k.startswith("layers.0.")})
+    assert conn["queries.weight"].shape == (1, 16, 64)
+
+
+def test_stage2_trains_the_dit_on_t2i_and_edit_and_keeps_frozen_parts(chain):
+    runs, exports = chain
+    s1, s2 = exports["gen_stage1"], exports["gen_stage2"]
+    keys = [json.loads(x) for x in (runs["gen_stage2"] / "keys" / "rank0.jsonl").read_text().splitlines()]
+    rows = _metrics(runs["gen_stage2"])
+    seen = {t for r in rows for t in ("t2i", "edit") if f"loss/flow_{t}" in r}
+    assert seen == {"t2i", "edit"}, rows  # both tasks in 6 steps (mix 0.5 / 0.5, seed 0)
+    assert len(keys) == 6
+    for name in ("mllm", "adapter", "decoder"):
+        assert _same(_component(s2, name), _component(s1, name)), name
+    assert not _same(_component(s2, "transformer"), _component(s1, "transformer"))
+    assert not _same(_component(s2, "connector"), _component(s1, "connector"))
+    assert not (s2 / "dcae").exists()  # the UniLIP latent space needs no DC-AE
+    assert json.loads((s2 / "model_index.json").read_text())["target"] == "unilip"
+
+
+def test_stage3_continues_from_stage2(chain):
+    runs, exports = chain
+    meta = checkpoint.read_meta(runs["gen_stage3"], checkpoint.latest_tag(runs["gen_stage3"]))
+    assert meta["config"]["model"]["init_from"] == str(exports["gen_stage2"])
+    assert not _same(_component(exports["gen_stage3"], "transformer"), _component(exports["gen_stage2"], "transformer"))
+    assert _same(_component(exports["gen_stage3"], "mllm"), _component(exports["gen_stage1"], "mllm"))
+
+
+def test_pipeline_generates_and_edits_and_honours_its_arguments(chain, sample_edit_shards):
+    from PIL import Image
+
+    from unilip_ds.inference.pipeline import UniLIPPipeline
+    _, exports = chain
+    pipe = UniLIPPipeline.from_pretrained(str(exports["gen_stage3"]))
+    pipe.set_progress_bar_config(disable=True)
+
+    def gen(**kw):
+        args = dict(prompt=["a cat", "a red car"], num_inference_steps=3, guidance_scale=4.5,
+                    generator=torch.Generator().manual_seed(0), output_type="pt")
+        args.update(kw)
+        return pipe(**args).images
+
+    base = gen()
+    assert base.shape == (2, 3, 224, 224) and 0 <= base.min() and base.max() <= 1
+    assert torch.equal(base, gen())  # same seed, same images
+    for change in (dict(num_inference_steps=5), dict(guidance_scale=1.0),
+                   dict(generator=torch.Generator().manual_seed(1))):
+        assert not torch.allclose(base, gen(**change)), change
+    many = gen(num_images_per_prompt=2, generator=[torch.Generator().manual_seed(i) for i in range(4)])
+    assert many.shape[0] == 4
+    img = Image.new("RGB", (96, 64), (200, 30, 30))
+    edited = pipe(image=[img], prompt=["flip the image horizontally"], num_inference_steps=2,
+                  generator=torch.Generator().manual_seed(0)).images
+    assert len(edited) == 1 and edited[0].size == (224, 224)
+
+
+def test_generate_and_edit_clis(chain, tmp_path, sample_edit_shards):
+    from PIL import Image
+    _, exports = chain
+    ckpt = str(exports["gen_stage2"])
+    out = tmp_path / "gen"
+    (tmp_path / "prompts.txt").write_text("a bowl of fruit\n\na rocket\n")
+    check(run("-m", ["unilip_ds.inference.generate", "--ckpt", ckpt, "--prompt", "a cat", "--prompts-file",
+                     str(tmp_path / "prompts.txt"), "--steps", "2", "--num-images", "2", "--seed", "7",
+                     "--batch-size", "2", "--out", str(out)]))
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["device"] == "cpu" and meta["dtype"] == "fp32" and meta["steps"] == 2
+    assert [r["prompt"] for r in meta["images"]] == ["a cat"] * 2 + ["a bowl of fruit"] * 2 + ["a rocket"] * 2
+    assert [r["seed"] for r in meta["images"]] == list(range(7, 13))
+    assert all((out / r["file"]).is_file() for r in meta["images"])
+    # an image depends on its seed only, not on its batch
+    solo = tmp_path / "solo"
+    check(run("-m", ["unilip_ds.inference.generate", "--ckpt", ckpt, "--prompt", "a rocket", "--steps", "2",
+                     "--seed", "11", "--out", str(solo)]))
+    a = torch.from_numpy(np.asarray(Image.open(solo / "000_0.png"), dtype=np.int16))
+    b = torch.from_numpy(np.asarray(Image.open(out / "002_0.png"), dtype=np.int16))
+    assert (a - b).abs().max() <= 1  # same pixels (batched float rounding at most 1 level)
+
+    src = tmp_path / "in.png"
+    Image.new("RGB", (120, 80), (10, 200, 30)).save(src)
+    edits = tmp_path / "edit"
+    check(run("-m", ["unilip_ds.inference.edit", "--ckpt", ckpt, "--image", str(src), "--instruction",
+                     "flip the image horizontally", "--steps", "2", "--flow-shift", "2.0", "--out", str(edits)]))
+    meta = json.loads((edits / "run.json").read_text())
+    assert meta["task"] == "edit" and meta["flow_shift"] == 2.0
+    assert (edits / "000_0_side_by_side.png").is_file()
+    proc = run("-m", ["unilip_ds.inference.edit", "--ckpt", ckpt, "--image", str(src), "--instruction", "x",
+                      "--out", str(edits)])
+    assert proc.returncode == 2 and "not empty" in proc.stderr
