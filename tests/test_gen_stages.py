@@ -178,3 +178,113 @@ def test_generate_and_edit_clis(chain, tmp_path, sample_edit_shards):
     proc = run("-m", ["unilip_ds.inference.edit", "--ckpt", ckpt, "--image", str(src), "--instruction", "x",
                       "--out", str(edits)])
     assert proc.returncode == 2 and "not empty" in proc.stderr
+
+
+def test_stage1_under_zero2_keeps_every_frozen_tensor(gen_assets, sample_shards, tmp_path):
+    out = tmp_path / "s1z2"
+    check(run("launch/train.py", tiny_gen_args(out, "gen_stage1", gen_assets, sample_shards.dir, steps=2,
+                                               ds="ds_configs/zero2.json"), nproc=2, launcher="deepspeed"))
+    _, sd, _ = consolidated(out, use_ema=False)
+    sana = read_weights_dir(gen_assets.sana / "transformer")
+    assert _same({k[len("transformer."):]: v for k, v in sd.items() if k.startswith("transformer.")}, sana)
+    internvl = mllm_state_dict(gen_assets.internvl)
+    llm = [k for k in internvl if "language_model" in k]
+    assert _same({k[len("mllm."):]: v for k, v in sd.items() if k.startswith("mllm.")}, internvl, llm)
+
+
+def _resume_args(out, assets, shards, edit_shards, init, extra=()):
+    return tiny_gen_args(out, "gen_stage2", assets, shards.dir, edit_shards.dir, steps=4,
+                         ds="ds_configs/zero3.json", init_from=init, extra=["data.log_keys=true", *extra])
+
+
+def test_stage2_under_zero3_resumes_bit_identically(chain, gen_assets, sample_shards, sample_edit_shards,
+                                                     tmp_path):
+    init = chain[1]["gen_stage1"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    check(run("launch/train.py", _resume_args(full, gen_assets, sample_shards, sample_edit_shards, init,
+                                              ["run.seed=3"]), nproc=2, launcher="torchrun"))
+    check(run("launch/train.py", _resume_args(split, gen_assets, sample_shards, sample_edit_shards, init,
+                                              ["run.seed=3", "train.stop_after=2"]), nproc=2, launcher="torchrun"))
+    assert checkpoint.latest_tag(split) == "step_00000002"
+    proc = check(run("launch/train.py", _resume_args(split, gen_assets, sample_shards, sample_edit_shards, init,
+                                                     ["run.seed=3"]), nproc=2, launcher="torchrun"))
+    assert "resumed from" in proc.stdout
+    a, b = consolidated(full, False)[1], consolidated(split, False)[1]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = _metrics(full), _metrics(split)
+    assert [r["step"] for r in mb] == [1, 2, 3, 4]
+    tasks = set()
+    for ra, rb in zip(ma, mb):
+        assert ra["loss/flow"] == rb["loss/flow"] and ra["data/cfg_null_frac"] == rb["data/cfg_null_frac"]
+        tasks |= {t for t in ("t2i", "edit") if f"loss/flow_{t}" in ra}
+    assert tasks == {"t2i", "edit"}  # mixed T2I / edit across the resume (seed 3)
+    for r in (0, 1):
+        assert (full / "keys" / f"rank{r}.jsonl").read_text() == (split / "keys" / f"rank{r}.jsonl").read_text()
+
+
+def test_stage3_under_zero2(chain, gen_assets, sample_shards, sample_edit_shards, tmp_path):
+    out = tmp_path / "s3z2"
+    check(run("launch/train.py", tiny_gen_args(out, "gen_stage3", gen_assets, sample_shards.dir,
+                                               sample_edit_shards.dir, steps=2, ds="ds_configs/zero2.json",
+                                               init_from=chain[1]["gen_stage2"]), nproc=2, launcher="deepspeed"))
+    assert [r["step"] for r in _metrics(out)] == [1, 2]
+    _, sd, _ = consolidated(out, use_ema=False)
+    s2 = _component(chain[1]["gen_stage2"], "transformer")
+    assert not _same({k[len("transformer."):]: v for k, v in sd.items() if k.startswith("transformer.")}, s2)
+
+
+def _bad(tmp_path, args):
+    out = tmp_path / "bad_run"  # the run dir every bad configuration names
+    proc = run("launch/train.py", args)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    assert not out.exists()  # nothing written
+    return lines[0]
+
+
+def test_bad_generator_inputs_are_one_line_errors(chain, gen_assets, sample_shards, sample_edit_shards, tmp_path):
+    import shutil
+    base = tiny_gen_args(tmp_path / "bad_run", "gen_stage1", gen_assets, sample_shards.dir, steps=1)
+    assert "model.sana_path" in _bad(tmp_path, base + [f"model.sana_path={tmp_path / 'nope'}"])
+    assert "flavor 1b needs" in _bad(tmp_path, ["--config", "gen_stage1", f"data.train.urls=[{sample_shards.dir}]",
+                                                f"run.output_dir={tmp_path / 'bad_run'}"])
+    # a tokenizer without InternVL's image tokens
+    bad_tok = tmp_path / "internvl_no_img"
+    shutil.copytree(gen_assets.internvl, bad_tok)
+    from transformers import Qwen2Tokenizer
+    from unilip_ds.models.tiny_assets import tiny_tokenizer
+    vocab = [t for t in tiny_tokenizer([]).get_vocab() if t not in ("<img>", "</img>", "<IMG_CONTEXT>")]
+    Qwen2Tokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[]).save_pretrained(str(bad_tok))
+    msg = _bad(tmp_path, base + [f"model.internvl_path={bad_tok}"])
+    assert "model.internvl_path" in msg and "lacks the special tokens <img>" in msg
+    # a recon export of another flavor
+    other = tmp_path / "recon_1b"
+    shutil.copytree(gen_assets.recon, other)
+    (other / "config.yaml").write_text("model:\n  flavor: 1b\n")
+    assert "export of flavor '1b'" in _bad(tmp_path, base + [f"model.unilip_path={other}"])
+    # an edit source that holds T2I shards; a recon export given as model.init_from
+    s2 = tiny_gen_args(tmp_path / "bad_run", "gen_stage2", gen_assets, sample_shards.dir, sample_shards.dir, steps=1,
+                       init_from=chain[1]["gen_stage1"])
+    msg = _bad(tmp_path, s2)
+    assert "data.train.sources[1]" in msg and "no input images" in msg
+    s2 = tiny_gen_args(tmp_path / "bad_run", "gen_stage2", gen_assets, sample_shards.dir, sample_edit_shards.dir,
+                       steps=1, init_from=gen_assets.recon)
+    assert "model.init_from" in _bad(tmp_path, s2)
+
+
+def test_dry_run_lists_the_published_generator_sizes():
+    proc = run("launch/train.py", ["--config", "gen_stage2", "--dry-run", "--json", "--world-size", "16",
+                                   "--ds_config", "ds_configs/zero3.json"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = json.loads(proc.stdout.strip().splitlines()[-1])
+    c = rep["components"]
+    assert c["queries"]["total"] == 256 * 896
+    assert c["connector (6 layers)"]["total"] == 89_474_304  # ~89.5M
+    assert c["projector"]["total"] == 896 * 2304 + 2304  # ~2.07M
+    assert 585e6 < c["DiT (SANA)"]["trainable"] < 595e6  # Sana_600M_512px
+    assert c["MLLM (frozen)"]["trainable"] == 0 and c["MLLM (frozen)"]["frozen"] > 700e6
+    assert rep["memory"]["zero_stage"] == 3 and rep["memory"]["world_size"] == 16
+    s1 = run("launch/train.py", ["--config", "gen_stage1", "--dry-run", "--json"])
+    s1 = json.loads(s1.stdout.strip().splitlines()[-1])["components"]
+    assert s1["DiT (SANA), frozen"]["trainable"] == 0 and "DC-AE (frozen)" in s1

@@ -84,12 +84,40 @@ class GenTask(Task):
         from unilip_ds.models import gen_loading as L
         from unilip_ds.models.prompts import PromptError
         L.check_paths(self.cfg)
+        self._check_edit_sources()
         if self.cfg.model.init_from or self.cfg.model.internvl_path:
             try:
                 self.prompts()
             except PromptError as exc:
                 key = "model.init_from" if self.cfg.model.init_from else "model.internvl_path"
                 raise ConfigError(f"config key '{key}': {exc}") from None
+
+    def _check_edit_sources(self) -> None:
+        """An edit source whose first sample has no input image (e.g. T2I shards named as
+        edit) is a config error now, not a stream of skipped samples later."""
+        from unilip_ds.config import ConfigError
+        from unilip_ds.data.config import split_sources
+        from unilip_ds.data.shards import list_shards
+        from unilip_ds.data.storage import open_shard
+        from unilip_ds.data.stream import TarMembers
+        for i, src in enumerate(split_sources(self.cfg.data.train, "train")):
+            if src.task != "edit":
+                continue
+            url = list_shards(list(src.urls), self.cfg.data)[0]
+            fields, key = set(), None
+            with open_shard(url, self.cfg.data) as f:
+                for member in TarMembers(f, url):
+                    name = member["fname"].rsplit("/", 1)[-1]
+                    k, _, ext = name.partition(".")
+                    if key is not None and k != key:
+                        break
+                    key = k
+                    fields.add(ext)
+            if not any(f.startswith("input.") for f in fields):
+                where = f"data.train.sources[{i}]" if self.cfg.data.train.sources else "data.train.urls"
+                raise ConfigError(f"config key '{where}': edit source '{src.name}' has no input images "
+                                  f"(first sample of {url} holds {', '.join(sorted(fields)) or 'nothing'}; "
+                                  "edit samples need input.jpg, output.jpg and txt)")
 
     def prompts(self):
         """The PromptBuilder (tokenizer from the InternVL3 dir or the init_from export)."""
