@@ -2,7 +2,10 @@
 slurmd as root, config and state in a temp dir): a stage runs to completion with 2 CPU
 processes; the time-limit warning (USR1 to the batch shell, as `--signal=B:USR1@N` sends it)
 makes the trainers checkpoint and exit, the job requeues itself and the next run resumes to
-max_steps. The cluster fixture skips only where Slurm is not installed or cannot start."""
+max_steps; the generator's stage 2 template trains T2I + edit from a gen_stage1 export,
+checkpoints, and its run exports as a UniLIPPipeline. The cluster fixture skips only where
+Slurm is not installed or cannot start. The gen templates ask for 2 nodes (the reference's
+global batch); on the one-node test cluster `--nodes=1` on the sbatch line overrides that."""
 
 from __future__ import annotations
 
@@ -18,8 +21,9 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
+import torch
 
-from tests.launch_util import REPO, env, tiny_recon_args
+from tests.launch_util import REPO, check, env, run, tiny_gen_args, tiny_recon_args
 from unilip_ds.engine import checkpoint
 from unilip_ds.engine.dist import free_port
 
@@ -172,8 +176,8 @@ def shards(tmp_path_factory):
     return str(d)
 
 
-# on the test node: no GPUs, 2 CPU training processes, log into the test's directory
-CPU_OPTIONS = ["--gpus-per-node=0"]
+# on the test node: no GPUs, one node, 2 CPU training processes, log into the test's directory
+CPU_OPTIONS = ["--gpus-per-node=0", "--nodes=1"]
 CPU_ENV = {"NPROC_PER_NODE": "2"}
 
 
@@ -256,6 +260,10 @@ def test_every_template_names_a_stage_and_the_shared_launcher(template):
     directives = " ".join(re.findall(r"^#SBATCH (.*)$", text, re.M))
     for needed in ("--signal=B:USR1@", "--requeue", "--open-mode=append", "--ntasks-per-node=1"):
         assert needed in directives, needed
+    # the reference's global batch: recon 64 = 1 node x 8 x 8; gen 512 = 2 nodes x 8 x 32
+    nodes = 2 if launch[0].startswith("gen_") else 1
+    assert f"--nodes={nodes} " in directives and "--gpus-per-node=8" in directives
+    assert f"{nodes} node" in text.split("#SBATCH")[0], "the header comment states the node count"
     assert os.access(template, os.X_OK)
 
 
@@ -264,3 +272,56 @@ def test_templates_are_accepted_by_the_scheduler(cluster):
         proc = cluster.client(["sbatch", "--test-only", *CPU_OPTIONS, str(template)], cwd=REPO,
                               check=False)
         assert proc.returncode == 0 and "to start at" in proc.stderr, (template, proc.stderr)
+
+
+@pytest.fixture(scope="module")
+def gen_stage1_export(gen_assets, sample_shards, tmp_path_factory) -> Path:
+    """What gen_stage2 starts from: a 2-step gen_stage1 run (1 process) and its export."""
+    root = tmp_path_factory.mktemp("gen_stage1")
+    out, exp = root / "run", root / "export"
+    check(run("launch/train.py", tiny_gen_args(out, "gen_stage1", gen_assets, sample_shards.dir, steps=2,
+                                               ds="ds_configs/zero2.json",
+                                               extra=["wandb.mode=disabled"])))
+    check(run("launch/export.py", ["--run", str(out), "--out", str(exp)]))
+    return exp
+
+
+def test_gen_stage2_template_trains_checkpoints_and_exports(cluster, gen_assets, sample_shards,
+                                                            sample_edit_shards, gen_stage1_export, tmp_path):
+    from unilip_ds.engine.weights import read_weights_dir
+    from unilip_ds.inference.pipeline import UniLIPPipeline
+
+    out, log, exp = tmp_path / "run", tmp_path / "job.out", tmp_path / "export"
+    args = tiny_gen_args(out, "gen_stage2", gen_assets, sample_shards.dir, sample_edit_shards.dir, steps=4,
+                         init_from=gen_stage1_export, extra=["wandb.mode=disabled"])
+    assert args[:2] == ["--config", "gen_stage2"]  # the template names its stage itself
+    job = cluster.sbatch(SLURM / "train_gen_stage2.sh", [*CPU_OPTIONS, f"--output={log}"], args[2:], CPU_ENV)
+    info = cluster.wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 180, log)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", tail(log)
+    assert info["JobName"] == "gen_stage2" and info["Requeue"] == "1" and info["NumNodes"] == "1"
+
+    text = log.read_text()
+    assert "stage gen_stage2" in text and "node 0/1: 2 processes (0 GPUs" in text
+    assert "training exited with 0" in text
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all("loss/flow" in r for r in rows)
+    assert checkpoint.latest_tag(out) == "step_00000004"
+    meta = checkpoint.read_meta(out, "step_00000004")
+    assert meta["world_size"] == 2 and meta["step"] == 4
+    # the overrides went through sbatch, srun and torchrun intact (the sources one has
+    # spaces, braces and commas)
+    cfg = meta["config"]
+    assert cfg["run"]["name"] == "gen_stage2" and cfg["model"]["init_from"] == str(gen_stage1_export)
+    sources = {s["name"]: (s["task"], s["urls"]) for s in cfg["data"]["train"]["sources"]}
+    assert sources == {"t2i": ("t2i", [sample_shards.dir]), "edit": ("edit", [sample_edit_shards.dir])}
+
+    check(run("launch/export.py", ["--run", str(out), "--out", str(exp)]))
+    pipe = UniLIPPipeline.from_pretrained(str(exp))
+    assert type(pipe) is UniLIPPipeline
+    # stage 2 trains the DiT it took from the stage-1 export
+    a, b = read_weights_dir(exp / "transformer"), read_weights_dir(gen_stage1_export / "transformer")
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(prompt=["a cat"], num_inference_steps=1, generator=torch.Generator().manual_seed(0),
+                  output_type="pt").images
+    assert images.shape == (1, 3, 224, 224) and torch.isfinite(images).all()

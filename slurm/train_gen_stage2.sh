@@ -1,0 +1,14 @@
+#!/bin/bash
+# UniLIP generator stage 2 (+ the whole DiT; UniLIP latent targets, 448 px; T2I + edit).
+# 2 nodes x 8 GPUs x micro-batch 32 = global batch 512, as the reference (--nodes to change it).
+# Start from stage 1: model.init_from=<export of gen_stage1>, and give the sources' shards:
+#   'data.train.sources=[{name: blip3o_pretrain, task: t2i, weight: 0.68, urls: [...]},
+#                        {name: gpt_image_edit, task: edit, weight: 0.32, repeats: 10, urls: [...]}]'
+#   sbatch slurm/train_gen_stage2.sh [launch/train.py options] [key=value overrides]
+# Submit from the repository root; site options (--partition, --account) go on the sbatch line.
+#SBATCH --job-name=gen_stage2
+#SBATCH --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 --exclusive
+#SBATCH --time=48:00:00
+#SBATCH --signal=B:USR1@120 --requeue --open-mode=append
+#SBATCH --output=slurm/logs/%x-%j.out
+exec "${UNILIP_ROOT:-$SLURM_SUBMIT_DIR}/slurm/launch.sh" gen_stage2 "$@"
