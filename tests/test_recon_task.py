@@ -6,12 +6,21 @@ import torch
 from skimage import data as skdata
 from transformers import InternVLForConditionalGeneration
 
-from unilip_ds.config import ConfigError, load_config
+from unilip_ds.config import ConfigError, load_config, to_yaml
 from unilip_ds.engine.weights import full_state_dict, save_component
 from unilip_ds.models.flavors import get_flavor, internvl_config
 from unilip_ds.tasks.base import MAIN, build_task
 
 BASE = ["model.flavor=tiny", "model.perceptual_pretrained=false"]
+
+
+@pytest.fixture(scope="module")
+def internvl(tmp_path_factory):
+    """A random tiny InternVL -hf checkpoint: the original encoder + projector (the teacher)."""
+    d = tmp_path_factory.mktemp("internvl")
+    torch.manual_seed(11)
+    InternVLForConditionalGeneration(internvl_config(get_flavor("tiny"))).save_pretrained(d)
+    return d
 
 
 def make(preset, *overrides):
@@ -58,8 +67,8 @@ def test_stage1_encoder_frozen_in_eval_and_unchanged():
     assert not model.unilip.vision.training
 
 
-def test_stage2_groups_distill_gan_and_teacher():
-    task, mods = make("recon_stage2", "recon.gan_start_step=3")
+def test_stage2_groups_distill_gan_and_teacher(internvl):
+    task, mods = make("recon_stage2", "recon.gan_start_step=3", f"recon.teacher_path={internvl}")
     model, disc = mods[MAIN], mods["disc"]
     assert model.teacher is not None and not model.teacher.training
     opt, groups = optimizer(task, mods)
@@ -101,18 +110,28 @@ def test_stage2_groups_distill_gan_and_teacher():
         task.loss("disc", b, 3, mods)
 
 
-def test_bf16_params_fp32_losses():
-    task, mods = make("recon_stage2", "recon.gan_start_step=0")
+def test_bf16_params_fp32_losses_and_loss_networks(internvl):
+    task, mods = make("recon_stage2", "recon.gan_start_step=0", f"recon.teacher_path={internvl}")
     for m in mods.values():
         m.to(torch.bfloat16)
     loss, logs = task.loss(MAIN, batch(), 0, mods)
     assert loss.dtype == torch.float32 and logs["loss/mse"].dtype == torch.float32
+    # the teacher, LPIPS-VGG and the ConvNeXt are fp32 whatever the trained model's precision
+    # (they are no part of any engine's module: nothing casts or partitions them)
+    model = mods[MAIN]
+    assert model.unilip.dcae.decoder.conv_in.weight.dtype == torch.bfloat16
+    for net in (model.teacher, model.perceptual):
+        assert {p.dtype for p in net.parameters()} == {torch.float32}
+    ids = {id(p) for p in model.parameters()}
+    assert not any(id(p) in ids for p in model.teacher.parameters())
+    assert not any(id(p) in ids for p in model.perceptual.parameters())
+    assert not any(k.startswith(("teacher.", "perceptual.")) for k in model.state_dict())
     dloss, _ = task.loss("disc", batch(), 0, mods)
     assert dloss.dtype == torch.float32
 
 
-def test_448_preset_checkpointing_keeps_grads():
-    task, mods = make("recon_stage2_448")
+def test_448_preset_checkpointing_keeps_grads(internvl):
+    task, mods = make("recon_stage2_448", f"model.internvl_path={internvl}")
     model = mods[MAIN]
     assert model.unilip.vision.vision_tower.is_activation_checkpointing
     loss, _ = task.loss(MAIN, batch(1, 56), 0, mods)
@@ -121,17 +140,20 @@ def test_448_preset_checkpointing_keeps_grads():
     assert model.unilip.dcae.decoder.conv_in.weight.grad is not None
 
 
-def test_export_init_from_roundtrip_and_teacher(tmp_path):
+def test_export_init_from_roundtrip_and_teacher(tmp_path, internvl):
     task, mods = make("recon_stage1")
     with torch.no_grad():  # make the student differ from any fresh init
         for p in mods[MAIN].unilip.parameters():
             p.add_(0.01)
     for name, comp in task.export_components(mods[MAIN]).items():
         save_component(comp, tmp_path / "export" / name)
+    (tmp_path / "export" / "config.yaml").write_text(to_yaml(task.cfg))  # a recon_stage1 export
     expected = full_state_dict(mods[MAIN].unilip)
 
-    # stage 2 from the export, no InternVL path: the teacher is the initial student
-    task2, mods2 = make("recon_stage2")
+    # stage 2 from the export, the teacher from the same recon_stage1 export (its encoder is
+    # the original): the teacher is the export's encoder + projector
+    task2, mods2 = make("recon_stage2", f"recon.teacher_path={tmp_path / 'export'}")
+    task2.check_inputs()
     task2.init_from(mods2, str(tmp_path / "export"))
     got = full_state_dict(mods2[MAIN].unilip)
     assert got.keys() == expected.keys()
@@ -139,16 +161,99 @@ def test_export_init_from_roundtrip_and_teacher(tmp_path):
     for k, v in full_state_dict(mods2[MAIN].teacher).items():
         assert torch.equal(v, expected[f"vision.{k}"])
 
-    # with the pretrained InternVL given, the teacher is the ORIGINAL encoder
-    hf = InternVLForConditionalGeneration(internvl_config(get_flavor("tiny")))
-    hf.save_pretrained(tmp_path / "internvl")
-    task3, mods3 = make("recon_stage2", f"model.internvl_path={tmp_path / 'internvl'}")
+    # with the pretrained InternVL given (model.internvl_path), the teacher is the ORIGINAL
+    # encoder, not the student that init_from loaded
+    task3, mods3 = make("recon_stage2", f"model.internvl_path={internvl}")
     task3.init_from(mods3, str(tmp_path / "export"))
     t = full_state_dict(mods3[MAIN].teacher)
-    ref = hf.state_dict()
+    ref = {k: v for k, v in InternVLForConditionalGeneration.from_pretrained(internvl).state_dict().items()}
     assert torch.equal(t["multi_modal_projector.linear_1.weight"], ref["model.multi_modal_projector.linear_1.weight"])
     assert torch.equal(full_state_dict(mods3[MAIN].unilip)["vision.multi_modal_projector.linear_1.weight"],
                        expected["vision.multi_modal_projector.linear_1.weight"])
+
+    # the 448 stage started from a stage-2 export: without a teacher path it is an error (it
+    # used to distil to the stage-2 encoder), and a stage-2 export is refused as the teacher
+    stage2_export = tmp_path / "export2"
+    for name, comp in task2.export_components(mods2[MAIN]).items():
+        save_component(comp, stage2_export / name)
+    (stage2_export / "config.yaml").write_text(to_yaml(task2.cfg))
+    t448 = build_task(load_config("recon_stage2_448", BASE + [f"model.init_from={stage2_export}"], world_size=1))
+    with pytest.raises(ConfigError, match="recon.teacher_path"):
+        t448.check_inputs()
+    m448 = t448.build_modules()
+    t448.init_from(m448, str(stage2_export))
+    with pytest.raises(ConfigError, match="recon.teacher_path"):
+        t448.loss(MAIN, batch(1, 56), 0, m448)
+    bad = build_task(load_config("recon_stage2_448", BASE + [f"recon.teacher_path={stage2_export}"], world_size=1))
+    with pytest.raises(ConfigError, match="trained the encoder"):
+        bad.check_inputs()
+
+
+def test_distillation_term_is_against_the_teacher(internvl):
+    """loss/distill = MSE(student projector output, the InternVL checkpoint's on the same
+    images, fp32); a student-vs-itself term (0 here) fails."""
+    from unilip_ds.models.unilip import VisionPath, load_internvl_vision
+    task, mods = make("recon_stage2", f"model.internvl_path={internvl}")
+    b = batch(2, 56)
+    _, logs = task.loss(MAIN, b, 0, mods)
+    teacher = VisionPath(get_flavor("tiny")).eval()
+    load_internvl_vision(teacher, internvl)
+    with torch.no_grad():
+        want = torch.nn.functional.mse_loss(mods[MAIN].unilip.features(b["image"]),
+                                            teacher(mods[MAIN].unilip.normalize(b["image"])))
+    assert want.item() > 1e-3
+    assert logs["loss/distill"].item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_total_loss_weights_match_the_reference(internvl):
+    """total = MSE + (LPIPS + 0.1 x logits) + distill + 0.1 x GAN: the reference's perceptual
+    module averages (1.0 x LPIPS + 0.1 x logits) / 1.1 and the loss weighs it by 1.1."""
+    task, mods = make("recon_stage2", "recon.gan_start_step=0", f"model.internvl_path={internvl}")
+    _, logs = task.loss(MAIN, batch(), 0, mods)
+    want = logs["loss/mse"] + logs["loss/lpips"] + 0.1 * logs["loss/logits"] + logs["loss/distill"] \
+        + 0.1 * logs["loss/gan_g"]
+    assert logs["loss/total"].item() == pytest.approx(want.item(), rel=1e-6)
+    assert logs["loss/perceptual"].item() == pytest.approx(
+        ((logs["loss/lpips"] + 0.1 * logs["loss/logits"]) / 1.1).item(), rel=1e-6)
+
+
+def test_weight_decay_only_on_weight_matrices(internvl):
+    """AdamW decay (1e-4) on conv / linear weights; none on biases, norms, embeddings, layer
+    scales (the reference's exclusion rule: ndim < 2, bias, norm, embed, gamma, ln)."""
+    task, mods = make("recon_stage2", "recon.gan_start_step=0", f"model.internvl_path={internvl}")
+    for name in (MAIN, "disc"):
+        groups = task.param_groups(name, mods[name])
+        decay_of = {id(p): g.weight_decay for g in groups for p in g.params}
+        named = [(n, p) for n, p in mods[name].named_parameters() if p.requires_grad]
+        assert set(decay_of) == {id(p) for _, p in named}
+        for n, p in named:
+            excluded = p.ndim < 2 or any(s in n for s in ("bias", "norm", "embed", "gamma", "ln"))
+            assert decay_of[id(p)] == (0.0 if excluded else pytest.approx(1e-4)), n
+        assert any(v == 0.0 for v in decay_of.values()) and any(v > 0 for v in decay_of.values())
+
+
+def test_ema_decay_schedule_and_values():
+    """EMA decay min(0.999, (1 + t) / (10 + t)) at update t = 0, 1, ...; values after three
+    known updates (a constant decay gives other values)."""
+    from unilip_ds.engine.ema import EMA
+    lin = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.fill_(0.0)
+    ema = EMA(lin, max_decay=0.999)
+    shadow, decays = 0.0, []
+    for t, w in enumerate((1.0, 2.0, 4.0)):
+        with torch.no_grad():
+            lin.weight.fill_(w)
+        d = ema.decay()
+        decays.append(d)
+        ema.update()
+        shadow = d * shadow + (1 - d) * w
+    assert decays == pytest.approx([1 / 10, 2 / 11, 3 / 12])
+    assert ema.shadow["weight"].item() == pytest.approx(shadow, rel=1e-6)
+    assert ema.shadow["weight"].item() == pytest.approx(
+        ((0.9 * 1.0) * 2 / 11 + 9 / 11 * 2.0) * 0.25 + 0.75 * 4.0, rel=1e-6)
+    ema.updates = 10 ** 6
+    assert ema.decay() == 0.999
 
 
 def test_config_errors(tmp_path):

@@ -1,9 +1,10 @@
 """The recon task: train the UniLIP autoencoder (stages recon_stage1 / 2 / 2_448).
 
 Engines:
-  "model"  ReconModel: UniLIP + (stage 2) a frozen teacher copy of the original encoder +
-           projector + the frozen perceptual nets; its forward returns the reconstruction
-           and the generator-side loss terms.
+  "model"  ReconModel: UniLIP (the student); its forward returns the reconstruction and the
+           generator-side loss terms, computed with fp32 frozen loss networks (LPIPS-VGG,
+           ConvNeXt-S and, with self-distillation, the original encoder + projector as the
+           teacher) that live outside every engine.
   "disc"   DiscriminatorLoss, only when recon.gan_start_step >= 0; its own optimizer/LR.
 
 Per micro-batch: phase "model" computes the weighted generator loss (+ the GAN generator
@@ -15,7 +16,7 @@ Heavy libraries are imported lazily: `unilip_ds.config` imports this package.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,27 +28,54 @@ DISC = "disc"
 
 
 class ReconModel(nn.Module):
-    """The "model" engine's module. Frozen parts (teacher, perceptual nets, and in stage 1
-    the encoder + projector) have requires_grad=False and stay in eval mode whatever
-    `train()` is asked for."""
+    """The "model" engine's module: UniLIP (the student, what trains and is exported) and its
+    forward that returns the reconstruction and the generator-side loss terms.
 
-    def __init__(self, flavor, with_teacher: bool, train_encoder: bool):
+    The frozen loss networks (the distillation teacher = the original encoder + projector,
+    LPIPS-VGG and the ConvNeXt-S) are NOT submodules: DeepSpeed never sees them, so they stay
+    fp32 whatever the training precision (the reference computes its losses with autocast
+    off; a bf16 teacher puts rounding noise of the distillation MSE's own size into it), are
+    not partitioned, cast or checkpointed. They are built and loaded on first use, outside
+    any zero.Init, from the config (`frozen_loader`), identical on every rank and after a
+    resume; each rank holds a full fp32 copy (see the README for the memory)."""
+
+    def __init__(self, flavor, with_teacher: bool, train_encoder: bool,
+                 frozen_loader: Optional[Callable[["FrozenNets"], None]] = None, frozen_seed: int = 0):
         super().__init__()
-        from unilip_ds.models.perceptual import PerceptualNets
-        from unilip_ds.models.unilip import UniLIP, VisionPath
+        from unilip_ds.models.unilip import UniLIP
         self.unilip = UniLIP(flavor)
         self.train_encoder = train_encoder
         if not train_encoder:
             self.unilip.vision.requires_grad_(False)
-        self.teacher = VisionPath(flavor).requires_grad_(False) if with_teacher else None
-        self.perceptual = PerceptualNets(flavor.vgg_width_div, flavor.convnext_dims, flavor.convnext_depths,
-                                         flavor.classifier_size)
+        self.flavor = flavor
+        self.with_teacher = with_teacher
+        self.frozen_loader = frozen_loader
+        self.frozen_seed = frozen_seed
+        self.__dict__["_frozen"] = None  # not a submodule (see the class doc)
+
+    def frozen(self, device: Optional[torch.device] = None) -> "FrozenNets":
+        if self.__dict__["_frozen"] is None:
+            with torch.random.fork_rng(devices=[]):  # random stand-ins: the same on every rank
+                torch.manual_seed(self.frozen_seed)
+                nets = FrozenNets(self.flavor, self.with_teacher)
+            if self.frozen_loader is not None:
+                self.frozen_loader(nets)
+            self.__dict__["_frozen"] = nets
+        nets = self.__dict__["_frozen"]
+        if device is not None and nets.device != device:
+            nets.to(device)
+        return nets
+
+    @property
+    def teacher(self):
+        return self.frozen().teacher if self.with_teacher else None
+
+    @property
+    def perceptual(self):
+        return self.frozen().perceptual
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        self.perceptual.eval()
         if not self.train_encoder:
             self.unilip.vision.eval()
         return self
@@ -56,6 +84,7 @@ class ReconModel(nn.Module):
         """images (B, 3, H, W) in [0, 1] -> {"recon", "loss/mse", "loss/lpips", "loss/logits"
         [, "loss/distill"]}; losses are fp32 scalars, unweighted."""
         dtype = self.unilip.adapter.down_mlp[1].weight.dtype  # bf16 runs have bf16 params
+        frozen = self.frozen(images.device)
         x = images.to(dtype)
         target = images.float()
         # a frozen encoder needs no graph: stage 1 keeps no encoder activations
@@ -63,12 +92,79 @@ class ReconModel(nn.Module):
             feats = self.unilip.features(x)
         recon = self.unilip.decode(self.unilip.latent_from_features(feats), size=tuple(x.shape[-2:]))
         out = {"recon": recon, "loss/mse": F.mse_loss(recon.float(), target)}
-        out["loss/lpips"], out["loss/logits"] = self.perceptual(recon, target)
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher_feats = self.teacher(self.unilip.normalize(x))
-            out["loss/distill"] = F.mse_loss(feats.float(), teacher_feats.float())
+        out["loss/lpips"], out["loss/logits"] = frozen.perceptual(recon.float(), target)
+        if frozen.teacher is not None:
+            out["loss/distill"] = distill_loss(feats, frozen.teacher, target)
         return out
+
+
+class FrozenNets(nn.Module):
+    """The fp32 loss networks: `perceptual` (LPIPS-VGG + ConvNeXt-S) and, with
+    self-distillation, `teacher` (a VisionPath holding the original encoder + projector)."""
+
+    def __init__(self, flavor, with_teacher: bool):
+        super().__init__()
+        from unilip_ds.models.perceptual import PerceptualNets
+        from unilip_ds.models.unilip import VisionPath
+        self.perceptual = PerceptualNets(flavor.vgg_width_div, flavor.convnext_dims, flavor.convnext_depths,
+                                         flavor.classifier_size)
+        self.teacher = VisionPath(flavor) if with_teacher else None
+        self.float().requires_grad_(False).eval()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+
+def distill_loss(student_feats: torch.Tensor, teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """MSE between the student's projector output and the fp32 teacher's on the same images
+    (in [0, 1]; the teacher gets them in fp32, ImageNet-normalised, as the reference's)."""
+    from unilip_ds.models.unilip import IMAGENET_MEAN, IMAGENET_STD, normalize
+    with torch.no_grad():
+        target = teacher(normalize(images.float(), IMAGENET_MEAN, IMAGENET_STD))
+    return F.mse_loss(student_feats.float(), target.float())
+
+
+def _is_recon_export(path: Path) -> bool:
+    return (path / "config.yaml").is_file() and (path / "vision").is_dir()
+
+
+def check_teacher_path(cfg) -> str:
+    """The teacher's path (recon.teacher_path, else model.internvl_path), checked; raises
+    ConfigError with one line naming the key."""
+    from unilip_ds.config import ConfigError
+    key = "recon.teacher_path" if cfg.recon.teacher_path else "model.internvl_path"
+    path = cfg.recon.teacher_path or cfg.model.internvl_path
+    if not path:
+        raise ConfigError("config key 'recon.teacher_path': self-distillation (recon.distill_weight > 0) "
+                          "needs the original encoder: set recon.teacher_path (or model.internvl_path) to "
+                          "an InternVL checkpoint or a recon_stage1 export")
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config key '{key}': no such path {path}")
+    if _is_recon_export(p):
+        from omegaconf import OmegaConf
+        exported = OmegaConf.load(p / "config.yaml")
+        if OmegaConf.select(exported, "recon.train_encoder", default=False):
+            raise ConfigError(f"config key '{key}': the export {path} comes from a run that trained the "
+                              "encoder; the teacher must be the original encoder (an InternVL checkpoint "
+                              "or a recon_stage1 export)")
+    return str(path)
+
+
+def load_teacher(teacher: nn.Module, path: str) -> None:
+    """The original encoder + projector into `teacher` (a VisionPath), from an InternVL
+    checkpoint or the `vision/` component of a recon export."""
+    from unilip_ds.engine.weights import load_component
+    from unilip_ds.models.unilip import HFVisionLayout, load_internvl_vision
+    p = Path(path)
+    if _is_recon_export(p):
+        load_component(HFVisionLayout(teacher), p / "vision")
+    else:
+        load_internvl_vision(teacher, p)
 
 
 @register
@@ -104,6 +200,11 @@ class ReconTask(Task):
             path = getattr(m, key)
             if path and not Path(path).exists():
                 raise ConfigError(f"config key 'model.{key}': no such path {path}")
+        if self.with_teacher:
+            check_teacher_path(self.cfg)
+        ip = self.cfg.recon.inception_path
+        if ip and not Path(ip).is_file():
+            raise ConfigError(f"config key 'recon.inception_path': no such file {ip}")
 
     @property
     def with_teacher(self) -> bool:
@@ -119,12 +220,13 @@ class ReconTask(Task):
         from unilip_ds.models.flavors import get_flavor
         r = self.cfg.recon
         flavor = get_flavor(self.cfg.model.flavor)
-        model = ReconModel(flavor, with_teacher=self.with_teacher, train_encoder=r.train_encoder)
+        model = ReconModel(flavor, with_teacher=self.with_teacher, train_encoder=r.train_encoder,
+                           frozen_loader=self._load_frozen, frozen_seed=self.cfg.run.seed)
         if self.cfg.model.grad_checkpointing:
             model.unilip.enable_gradient_checkpointing()
         modules: Dict[str, nn.Module] = {MAIN: model}
         if r.gan_start_step >= 0:
-            disc = PatchDiscriminator(flavor.disc_channels, flavor.disc_mults, flavor.disc_groups)
+            disc = PatchDiscriminator(flavor.disc_channels, tuple(flavor.disc_mults), flavor.disc_groups)
             modules[DISC] = DiscriminatorLoss(disc, r.lecam_weight, r.lecam_decay)
         return modules
 
@@ -139,28 +241,18 @@ class ReconTask(Task):
             load_internvl_vision(model.unilip.vision, m.internvl_path)
         if m.dcae_path:
             model.unilip.dcae.load_dcae_weights(m.dcae_path)
-        self._load_frozen(model)
 
-    def init_from(self, modules: Mapping[str, nn.Module], path: str) -> None:
-        """Student (encoder, projector, adapter, decoder) from the export at `path`; the frozen
-        parts, which no export holds, from the config as for a fresh start."""
-        super().init_from(modules, path)
-        self._load_frozen(modules[MAIN])
-
-    def _load_frozen(self, model: ReconModel) -> None:
-        """The teacher is the ORIGINAL encoder + projector: the pretrained InternVL weights
-        when model.internvl_path is given, else the student as it starts. The perceptual
-        nets get their published weights (model.perceptual_pretrained)."""
-        from unilip_ds.engine.weights import full_state_dict, load_state_dict_into
-        from unilip_ds.models.unilip import load_internvl_vision
+    def _load_frozen(self, nets: FrozenNets) -> None:
+        """The frozen loss networks' weights, from the config alone (a fresh start, init_from
+        and a resume get the same): the teacher is the ORIGINAL encoder + projector
+        (recon.teacher_path, else model.internvl_path; never the student as it starts, which
+        after init_from is a previous stage's encoder); the perceptual nets get their
+        published weights (model.perceptual_pretrained), else stay the seeded random ones."""
         m = self.cfg.model
-        if model.teacher is not None:
-            if m.internvl_path:
-                load_internvl_vision(model.teacher, m.internvl_path)
-            else:
-                load_state_dict_into(model.teacher, full_state_dict(model.unilip.vision), what="teacher")
+        if nets.teacher is not None:
+            load_teacher(nets.teacher, check_teacher_path(self.cfg))
         if m.perceptual_pretrained:
-            model.perceptual.load_pretrained(m.vgg_path, m.lpips_path, m.convnext_path)
+            nets.perceptual.load_pretrained(m.vgg_path, m.lpips_path, m.convnext_path)
 
     def param_groups(self, name: str, module: nn.Module) -> List[ParamGroup]:
         wd = self.cfg.optim.weight_decay
@@ -202,7 +294,8 @@ class ReconTask(Task):
     def _generator_loss(self, images, step, engines):
         r = self.cfg.recon
         out = engines[MAIN](images)
-        perceptual = out["loss/lpips"] + r.logits_weight * out["loss/logits"]
+        # the reference's perceptual module averages its terms: (1.0 x LPIPS + 0.1 x logits) / 1.1
+        perceptual = (out["loss/lpips"] + r.logits_weight * out["loss/logits"]) / (1.0 + r.logits_weight)
         total = r.mse_weight * out["loss/mse"] + r.perceptual_weight * perceptual
         logs = {k: v.detach() for k, v in out.items() if k.startswith("loss/")}
         logs["loss/perceptual"] = perceptual.detach()
@@ -233,25 +326,37 @@ class ReconTask(Task):
     # -- evaluation / export ----------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, engines: Mapping[str, nn.Module], batches) -> Dict[str, float]:
-        from unilip_ds.evaluation.metrics import psnr, ssim
+        """The paper's metrics on held-out batches (evaluation/recon.py's ReconMetrics: uint8
+        rounding, PSNR, SSIM, the reference's SSIM, and rFID when recon.inception_path is set)."""
+        from unilip_ds.evaluation.recon import ReconMetrics
+        from unilip_ds.models.unilip import reconstruct_any
         model = getattr(engines[MAIN], "module", engines[MAIN])
         modes = {mod: mod.training for mod in model.modules()}
         model.eval()
         try:
-            ps, ss = [], []
+            metrics = None
             dtype = model.unilip.adapter.down_mlp[1].weight.dtype
             for batch in batches:
                 images = batch["image"]
-                recon = model.unilip(images.to(dtype)).float().clamp(0, 1)
-                ps.append(psnr(recon, images.float()))
-                ss.append(ssim(recon, images.float()))
+                if metrics is None:
+                    metrics = ReconMetrics(self._inception(images.device), images.device)
+                metrics.update(images.float(), reconstruct_any(model.unilip, images.to(dtype)).float())
         finally:
             for mod, mode in modes.items():
                 mod.training = mode
-        if not ps:
+        if metrics is None:
             return {}
-        return {"eval/psnr": torch.cat(ps).mean().item(), "eval/ssim": torch.cat(ss).mean().item(),
-                "eval/images": float(sum(len(p) for p in ps))}
+        res = metrics.result()
+        return {f"eval/{k}": v for k, v in res.items()}
+
+    def _inception(self, device):
+        path = self.cfg.recon.inception_path
+        if not path:
+            return None
+        if getattr(self, "_inception_net", None) is None:
+            from unilip_ds.evaluation.inception import load_fid_inception
+            self._inception_net = load_fid_inception(path, device=device)
+        return self._inception_net
 
     def export_components(self, module: nn.Module) -> Dict[str, nn.Module]:
         return module.unilip.export_components()
@@ -262,9 +367,15 @@ class ReconTask(Task):
         out = {"encoder (InternViT)": vision.vision_tower,
                "projector (mlp1)": vision.multi_modal_projector,
                "adapter": model.unilip.adapter, "decoder (DC-AE)": model.unilip.dcae,
-               "perceptual (frozen)": model.perceptual}
-        if model.teacher is not None:
-            out["teacher (frozen)"] = model.teacher
+               }
+        # the fp32 loss networks, outside the engines (built on the meta device for counting)
+        frozen = model.__dict__["_frozen"]
+        if frozen is None:
+            with torch.device("meta"):
+                frozen = FrozenNets(model.flavor, model.with_teacher)
+        out["perceptual (frozen)"] = frozen.perceptual
+        if frozen.teacher is not None:
+            out["teacher (frozen)"] = frozen.teacher
         if DISC in modules:
             out["discriminator"] = modules[DISC]
         return out
