@@ -1,12 +1,18 @@
-"""The main job on embedded defaults, on CPU, in a few minutes:
+"""The main job on embedded defaults, on CPU, in about ten minutes:
 
-  1. a small data set from scikit-image's bundled photos (captions written by hand),
-     sharded by data_prep/shard_blip3o.py into a local S3 server (SeaweedFS);
+  1. a small data set from scikit-image's bundled photos (captions written by hand) and a
+     deterministic edit set (each photo flipped horizontally or upside down), sharded by
+     data_prep/shard_blip3o.py and shard_edit.py into a local S3 server (SeaweedFS);
   2. recon_stage1 -> recon_stage2 on the tiny flavor, 2 processes, read from S3,
      each stage exported and the next started from the export (EMA weights);
-  3. reconstructions of held-out photos next to the originals.
+  3. reconstructions of held-out photos next to the originals;
+  4. gen_stage1 -> gen_stage2 (T2I + edit) on the tiny flavors, the MLLM's vision path being
+     the recon_stage2 export, each stage exported as a UniLIPPipeline directory;
+  5. images generated from the held-out captions, and the held-out photos edited, written
+     next to their inputs as one PNG grid; the edit is scored against copying the input.
 
     python launch/demo.py [--out demo_out] [--nproc 2] [--stage1-steps 240] [--stage2-steps 60]
+                          [--gen1-steps 40] [--gen2-steps 400]
 """
 
 from __future__ import annotations
@@ -51,6 +57,94 @@ def write_images(dst: Path, count: int) -> None:
         (dst / part / f"{name}.txt").write_text(s.caption + "\n")
 
 
+GEN_COMMON = ["train.micro_batch_size=4", "train.precision=fp32", "train.log_every=20", "optim.lr=3e-4",
+              "optim.weight_decay=0.0", "checkpoint.every_steps=200", "wandb.mode=offline",
+              "data.num_workers=1", "data.shuffle_buffer=64", "gen.sample_steps=10"]
+
+
+def write_edit_images(dst: Path, count: int) -> None:
+    """Flip edits of the training photos (and their variants) and of the held-out photos."""
+    from unilip_ds.data.sample_images import write_flip_edit_folder
+    write_flip_edit_folder(dst / "train", count=count, keep=lambda s: s.key.split("_")[0] not in HELD_OUT)
+    write_flip_edit_folder(dst / "heldout", keep=lambda s: s.key.split("_")[0] in HELD_OUT)  # the originals
+
+
+def psnr(a, b) -> float:
+    import numpy as np
+    mse = float(np.mean((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2))
+    return 10 * np.log10(255.0 ** 2 / max(mse, 1e-10))
+
+
+def generator_demo(out: Path, args, env, log: Path, bin_dir: Path, recon_common, recon_export: Path) -> dict:
+    """gen_stage1 -> gen_stage2 on the tiny flavors, then generate and edit held-out data."""
+    from PIL import Image
+
+    from unilip_ds.data.sample_images import PHOTOS
+    from unilip_ds.inference.sampling import grid
+    from unilip_ds.models import tiny_assets as T
+    print("generator: tiny InternVL3 / SANA / DC-AE directories", flush=True)
+    assets = out / "assets"
+    corpus = [c for _, c in PHOTOS] + ["flip the image horizontally", "turn the image upside down"]
+    internvl = T.save_tiny_internvl(assets / "internvl", corpus=corpus)
+    T.save_tiny_sana(assets / "sana")
+    T.save_tiny_dcae(assets / "dcae")
+    write_edit_images(out / "images" / "edit", args.images)
+    for part in ("train", "heldout"):
+        sh([sys.executable, "data_prep/shard_edit.py", "--src", out / "images" / "edit" / part,
+            "--dst", f"s3://demo/shards/edit_{part}/", "--shard-size", "32", "--no-progress"], env, log)
+    t2i = {"train": "s3://demo/shards/train/", "heldout": "s3://demo/shards/heldout/"}
+    edit = {p: f"s3://demo/shards/edit_{p}/" for p in ("train", "heldout")}
+    stages = (
+        ("gen_stage1", args.gen1_steps,
+         ["model.flavor=tiny", f"model.internvl_path={internvl}", f"model.unilip_path={recon_export}",
+          f"model.sana_path={assets / 'sana'}", f"model.dcae_path={assets / 'dcae'}", "data.resolution=256",
+          f"data.train.urls=[{t2i['train']}]", f"data.eval.urls=[{t2i['heldout']}]", "optim.warmup_steps=10"]),
+        ("gen_stage2", args.gen2_steps,
+         ["model.flavor=tiny", "data.resolution=224", "optim.warmup_steps=20",
+          "data.train.sources=[{name: t2i, task: t2i, weight: 0.5, urls: [%s]}, "
+          "{name: edit, task: edit, weight: 0.5, urls: [%s]}]" % (t2i["train"], edit["train"]),
+          "data.eval.sources=[{name: t2i, task: t2i, urls: [%s]}, {name: edit, task: edit, urls: [%s]}]"
+          % (t2i["heldout"], edit["heldout"]), f"train.sample_every={args.gen2_steps}"]))
+    init: list = []
+    for stage, steps, extra in stages:
+        run_dir, export_dir = out / "runs" / stage, out / "exports" / stage
+        sh([bin_dir / "torchrun", "--nproc_per_node", args.nproc, "launch/train.py", "--config", stage,
+            "--ds_config", "ds_configs/zero2.json", *GEN_COMMON, *extra, *init, f"run.output_dir={run_dir}",
+            f"train.max_steps={steps}", f"train.eval_every={max(1, steps // 4)}"], env, log)
+        sh([sys.executable, "launch/export.py", "--run", run_dir, "--out", export_dir], env, log)
+        init = [f"model.init_from={export_dir}"]
+
+    export = out / "exports" / "gen_stage2"
+    held = [(name.split(".")[0], caption) for name, caption in PHOTOS if name.split(".")[0] in HELD_OUT]
+    gen_dir, edit_dir = out / "generated", out / "edited"
+    sh([sys.executable, "-m", "unilip_ds.inference.generate", "--ckpt", export, "--steps", "20",
+        *[a for _, c in held for a in ("--prompt", c)], "--out", gen_dir], env, log)
+    records = json.loads((out / "images" / "edit" / "heldout" / "edits.json").read_text())
+    src = out / "images" / "edit" / "heldout"
+    cmd = [sys.executable, "-m", "unilip_ds.inference.edit", "--ckpt", export, "--steps", "20", "--out", edit_dir]
+    for r in records:
+        cmd += ["--image", src / r["input"], "--instruction", r["instruction"]]
+    sh(cmd, env, log)
+
+    size = (224, 224)
+    rows, p_edit, p_copy = [], [], []
+    for i, r in enumerate(records):
+        inp = Image.open(src / r["input"]).convert("RGB").resize(size, Image.BICUBIC)
+        target = Image.open(src / r["output"]).convert("RGB").resize(size, Image.BICUBIC)
+        edited = Image.open(edit_dir / f"{i:03d}_0.png").convert("RGB")
+        p_edit.append(psnr(edited, target))
+        p_copy.append(psnr(inp, target))
+        rows.append([inp, target, edited])
+    generated = [Image.open(gen_dir / f"{i:03d}_0.png").convert("RGB") for i in range(len(held))]
+    rows.append(generated)
+    path = out / "generated_and_edited.png"
+    grid(rows).save(path)
+    result = {"psnr_edit": sum(p_edit) / len(p_edit), "psnr_copy": sum(p_copy) / len(p_copy), "grid": str(path),
+              "edits": [{**r, "psnr_edit": a, "psnr_copy": b} for r, a, b in zip(records, p_edit, p_copy)]}
+    (out / "edit_scores.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="demo_out")
@@ -58,6 +152,8 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=200, help="training samples (photos + variants)")
     ap.add_argument("--stage1-steps", type=int, default=240)
     ap.add_argument("--stage2-steps", type=int, default=60)
+    ap.add_argument("--gen1-steps", type=int, default=40)
+    ap.add_argument("--gen2-steps", type=int, default=400)
     args = ap.parse_args()
 
     out = Path(args.out).resolve()
@@ -98,11 +194,13 @@ def main() -> int:
             export_dir = out / "exports" / stage
             sh([sys.executable, "launch/export.py", "--run", run_dir, "--out", export_dir], env, log)
             runs[stage] = (run_dir, export_dir)
-            init = [f"model.init_from={export_dir}"]
+            # stage 2 starts from the stage-1 export and distils to its encoder (the original)
+            init = [f"model.init_from={export_dir}", f"recon.teacher_path={export_dir}"]
 
         recon_dir = out / "reconstructions"
         sh([sys.executable, "-m", "unilip_ds.inference.reconstruct", "--ckpt", runs["recon_stage2"][1],
             "--images", out / "images" / "heldout", "--out", recon_dir], env, log)
+        gen = generator_demo(out, args, env, log, bin_dir, common, runs["recon_stage2"][1])
 
     print("\n== demo finished ==")
     for stage, (run_dir, export_dir) in runs.items():
@@ -118,6 +216,16 @@ def main() -> int:
             print(f"  W&B (offline; `wandb sync {wandb_runs[-1]}`): {wandb_runs[-1]}")
     grids = sorted(recon_dir.glob("*grid*.png"))
     print(f"side-by-side originals | reconstructions: {grids[0] if grids else recon_dir}")
+    for stage in ("gen_stage1", "gen_stage2"):
+        evals = [json.loads(x) for x in (out / "runs" / stage / "metrics.jsonl").read_text().splitlines()]
+        evals = [e for e in evals if "eval/flow" in e]
+        if evals:
+            print(f"{stage}: held-out flow loss {evals[0]['eval/flow']:.4f} at step {evals[0]['step']} -> "
+                  f"{evals[-1]['eval/flow']:.4f} at step {evals[-1]['step']}")
+        print(f"  export (UniLIPPipeline.from_pretrained): {out / 'exports' / stage}")
+    print(f"edit, held-out photos: PSNR(edited, target) {gen['psnr_edit']:.2f} dB vs "
+          f"PSNR(input, target) {gen['psnr_copy']:.2f} dB (copying the input)")
+    print(f"generated | edited grid (rows: caption -> image; input | target | edited): {gen['grid']}")
     print(f"full log: {log}")
     return 0
 
