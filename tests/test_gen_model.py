@@ -194,3 +194,18 @@ def test_cfg_dropout_rate_and_null_rows(build_gen):
     assert torch.equal(prompts.input_ids[0, :null.lengths[0]], null.input_ids[0])
     assert prompts.image_mask[0].sum() == task.num_image_tokens()  # the null edit keeps the image
     assert ref is batch["input_image"]
+
+
+def test_bf16_step_is_finite_and_the_loss_is_fp32(build_gen):
+    """DeepSpeed's bf16 mode casts the whole module to bf16; the flow loss stays fp32."""
+    task, m = build_gen()
+    m.to(torch.bfloat16)
+    r = task.cfg.data.resolution
+    torch.manual_seed(0)
+    for kind in ("t2i", "edit"):
+        batch = {"__key__": ["a", "b"], "__task__": kind, "image": torch.rand(2, 3, r, r),
+                 "input_image": torch.rand(2, 3, r, r), "caption": CAPTIONS, "instruction": EDITS}
+        loss, _ = task.loss("model", batch, 0, {"model": m})
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        loss.backward()
+        assert torch.isfinite(m.connector.queries.weight.grad).all()

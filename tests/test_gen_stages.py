@@ -51,6 +51,9 @@ def chain(gen_assets, sample_shards, sample_edit_shards, tmp_path_factory):
                                        ("gen_stage3", "ds_configs/zero3.json", "torchrun", 2)):
         out = root / stage
         extra = ["data.log_keys=true"]
+        if stage == "gen_stage3":  # sample grids: fixed prompts + held-out edit pairs
+            extra += ["train.sample_every=2", "gen.sample_steps=2", "data.eval.sources=[{name: e, task: edit, "
+                      f"urls: [{sample_edit_shards.dir}]}}, {{name: t, task: t2i, urls: [{sample_shards.dir}]}}]"]
         check(run("launch/train.py", tiny_gen_args(out, stage, gen_assets, sample_shards.dir,
                                                    sample_edit_shards.dir, steps=steps, ds=ds,
                                                    init_from=init, extra=extra),
@@ -109,8 +112,14 @@ def test_stage2_trains_the_dit_on_t2i_and_edit_and_keeps_frozen_parts(chain):
     assert json.loads((s2 / "model_index.json").read_text())["target"] == "unilip"
 
 
-def test_stage3_continues_from_stage2(chain):
+def test_stage3_continues_from_stage2_and_writes_sample_grids(chain):
+    from PIL import Image
     runs, exports = chain
+    grids = sorted(p.name for p in (runs["gen_stage3"] / "samples").iterdir())
+    assert grids == ["step0000002_edit.png", "step0000002_t2i.png"]
+    t2i = Image.open(runs["gen_stage3"] / "samples" / grids[1])
+    assert t2i.size == (224 * 4, 224)  # the four default gen.sample_prompts
+    assert Image.open(runs["gen_stage3"] / "samples" / grids[0]).size == (224 * 3, 224 * 2)  # input|edited|target
     meta = checkpoint.read_meta(runs["gen_stage3"], checkpoint.latest_tag(runs["gen_stage3"]))
     assert meta["config"]["model"]["init_from"] == str(exports["gen_stage2"])
     assert not _same(_component(exports["gen_stage3"], "transformer"), _component(exports["gen_stage2"], "transformer"))

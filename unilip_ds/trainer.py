@@ -128,7 +128,10 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------
     def train(self) -> None:
         cfg = self.cfg
-        it = iter(self.loader)
+        # starting the loader draws its workers' base seed from the global RNG: keep that
+        # draw out of the stream a resumed run restores (CFG dropout, sigmas, noise)
+        with torch.random.fork_rng(devices=[]):
+            it = iter(self.loader)
         sums: Dict[str, Any] = defaultdict(float)  # device tensors: no host sync per step
         counts: Dict[str, int] = defaultdict(int)
         window = {"time": 0.0, "wait": 0.0, "steps": 0}

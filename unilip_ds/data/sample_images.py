@@ -196,15 +196,16 @@ def write_edit_folder(dst: os.PathLike, count: Optional[int] = None,
 
 def write_flip_edit_folder(dst: os.PathLike, count: Optional[int] = None,
                            size: Optional[int] = None, seed: int = 0,
-                           vertical: bool = True, quality: int = 95) -> Path:
+                           vertical: bool = True, quality: int = 95,
+                           keep: Optional[Callable[[Sample], bool]] = None) -> Path:
     """The demo's edit source, in write_edit_folder's layout (`edits.json` + `images/`,
     read by data_prep/shard_edit.py --src dst): each output is its input flipped
     horizontally ("flip the image horizontally") or, when `vertical`, for about half of
     the samples, flipped vertically ("turn the image upside down"). The choice is a
     draw seeded by `seed`, independent of the photo (its variants get either edit), so
-    only the instruction tells the two apart. Same arguments -> the same files. Returns
-    the json path."""
+    only the instruction tells the two apart. Same arguments -> the same files. `keep`
+    selects samples (e.g. train / held-out photos). Returns the json path."""
     edits = FLIP_EDITS if vertical else FLIP_EDITS[:1]
     pick = random.Random(f"flip-edits-{seed}")
-    return _write_edits(dst, ((s, *edits[pick.randrange(len(edits))])
-                              for s in samples(count, size, seed)), quality)
+    items = ((s, *edits[pick.randrange(len(edits))]) for s in samples(count, size, seed))
+    return _write_edits(dst, (it for it in items if keep is None or keep(it[0])), quality)

@@ -52,9 +52,12 @@ class GenTask(Task):
         if cfg.data.resolution % step:
             raise _error("data.resolution", f"gen.target={g.target} needs a multiple of {step}, "
                          f"got {cfg.data.resolution}")
-        tasks = {s.task for s in (cfg.data.train.sources or [])} or {cfg.data.train.task}
-        if not tasks <= {"t2i", "edit"}:
-            raise _error("data.train", f"the gen task reads t2i and edit sources, got {sorted(tasks)}")
+        for which in ("train", "eval"):
+            split = getattr(cfg.data, which)
+            kinds = {s.task for s in split.sources} or {split.task}
+            if (split.urls or split.sources or which == "train") and not kinds <= {"t2i", "edit"}:
+                raise _error(f"data.{which}", f"the gen task reads t2i and edit sources, got {sorted(kinds)}")
+        tasks = {s.task for s in cfg.data.train.sources} or {cfg.data.train.task}
         if g.target == "dcae" and "edit" in tasks:
             raise _error("data.train", "edit sources need gen.target=unilip (the reference image is "
                          "encoded by UniLIP at 448 px)")
