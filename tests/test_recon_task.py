@@ -233,8 +233,9 @@ def test_weight_decay_only_on_weight_matrices(internvl):
 
 
 def test_ema_decay_schedule_and_values():
-    """EMA decay min(0.999, (1 + t) / (10 + t)) at update t = 0, 1, ...; values after three
-    known updates (a constant decay gives other values)."""
+    """EMA decay 0 at the first update, then min(0.999, (1 + t) / (10 + t)) at update t = 1, 2,
+    ... (the reference's EMAModel); values after three known updates (a constant decay gives
+    other values)."""
     from unilip_ds.engine.ema import EMA
     lin = torch.nn.Linear(1, 1, bias=False)
     with torch.no_grad():
@@ -248,10 +249,10 @@ def test_ema_decay_schedule_and_values():
         decays.append(d)
         ema.update()
         shadow = d * shadow + (1 - d) * w
-    assert decays == pytest.approx([1 / 10, 2 / 11, 3 / 12])
+    assert decays == pytest.approx([0.0, 2 / 11, 3 / 12])
     assert ema.shadow["weight"].item() == pytest.approx(shadow, rel=1e-6)
     assert ema.shadow["weight"].item() == pytest.approx(
-        ((0.9 * 1.0) * 2 / 11 + 9 / 11 * 2.0) * 0.25 + 0.75 * 4.0, rel=1e-6)
+        (1.0 * 2 / 11 + 9 / 11 * 2.0) * 0.25 + 0.75 * 4.0, rel=1e-6)
     ema.updates = 10 ** 6
     assert ema.decay() == 0.999
 

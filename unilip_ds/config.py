@@ -68,7 +68,7 @@ class OptimConfig:
 @dataclass
 class EMAConfig:
     enabled: bool = True
-    # decay at update t is min(max_decay, (1 + t) / (10 + t))
+    # decay at update t (0-based) is 0 for t = 0, then min(max_decay, (1 + t) / (10 + t))
     max_decay: float = 0.999
     every_steps: int = 1
 

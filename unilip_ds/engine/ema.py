@@ -29,8 +29,10 @@ class EMA:
         self.shadow = {n: _local(p).detach().float().clone() for n, p in self.params.items()}
 
     def decay(self) -> float:
+        """0 at the first update (the shadow becomes a copy), then min(max_decay,
+        (1 + t) / (10 + t)): the reference's EMAModel (open-muse / diffusers schedule)."""
         t = self.updates
-        return min(self.max_decay, (1 + t) / (10 + t))
+        return 0.0 if t == 0 else min(self.max_decay, (1 + t) / (10 + t))
 
     @torch.no_grad()
     def update(self) -> None:
