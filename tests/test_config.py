@@ -106,3 +106,14 @@ def test_lr_schedule_warmup_cosine_and_late_engine():
     late = lr_factor(cfg, first_step=60)  # e.g. the discriminator from recon.gan_start_step
     assert late(0) == pytest.approx(0.1) and late(9) == pytest.approx(1.0)
     assert late(40) == pytest.approx(0.1)  # its last step is the run's last step
+
+
+def test_urls_and_sources_on_the_command_line_replace_the_presets_other():
+    cfg = load_config("recon_stage1", ["model.flavor=tiny"], world_size=1)
+    assert [(s.name, s.weight) for s in cfg.data.train.sources] == [
+        ("blip3o_short", 0.2), ("blip3o_long", 0.6), ("journeydb", 0.2)]  # the reference mixture
+    cfg = load_config("recon_stage1", ["data.train.urls=[/data/a]"], world_size=1)
+    assert cfg.data.train.urls == ["/data/a"] and cfg.data.train.sources == []
+    cfg = load_config("gen_stage2", ["data.train.urls=[/data/a]", "data.train.sources=[{name: x, task: t2i, "
+                                     "urls: [/data/b]}]"], world_size=1)
+    assert cfg.data.train.urls == [] and [s.urls for s in cfg.data.train.sources] == [["/data/b"]]

@@ -155,6 +155,13 @@ def load_config(preset: Optional[str] = None, overrides: Optional[List[str]] = N
                 raise ConfigError(f"override '{item}': expected key=value")
             try:
                 schema = OmegaConf.merge(schema, OmegaConf.from_dotlist([item]))
+                key = item.split("=", 1)[0].strip()
+                for split in ("train", "eval"):
+                    # a split has urls or sources: the one the command line names replaces
+                    # whichever the preset set (e.g. a preset's weighted mixture)
+                    other = {f"data.{split}.urls": "sources", f"data.{split}.sources": "urls"}.get(key)
+                    if other:
+                        OmegaConf.update(schema, f"data.{split}.{other}", [], merge=False)
             except yaml.YAMLError as exc:
                 hint = " (quote brace patterns: 'key=[\"shard-{0..9}.tar\"]')" if "{" in item else ""
                 raise ConfigError(f"override '{item}': not a valid value: "
