@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from tests.launch_util import run
 
 
@@ -18,8 +20,13 @@ def test_dry_run_counts_real_sizes_and_memory():
     assert c["encoder (InternViT)"]["total"] == 304_012_288
     assert c["projector (mlp1)"]["total"] == 4096 * 2 + 4096 * 896 + 896 + 896 * 896 + 896
     assert 155e6 < c["decoder (DC-AE)"]["total"] < 165e6
-    assert c["teacher (frozen)"]["trainable"] == 0 and c["teacher (frozen)"]["frozen"] > 300e6
-    assert z3["total"]["total"] == sum(v["total"] for v in c.values())
+    engines = {k: v for k, v in c.items() if "outside engines" not in k}
+    assert z3["total"]["total"] == sum(v["total"] for v in engines.values())
+    # the fp32 loss networks (teacher + LPIPS-VGG + ConvNeXt-S) on every GPU, outside the engines
+    outside = sum(v["total"] for k, v in c.items() if "outside engines" in k)
+    assert c["teacher (frozen) [fp32, outside engines]"]["total"] > 300e6
+    assert z3["memory"]["outside_engines_gib"] == pytest.approx(outside * 4 / 2 ** 30)
+    assert 1.3 < z3["memory"]["outside_engines_gib"] < 1.5
     z2 = _dry("--world-size", "8", "--ds_config", "ds_configs/zero2.json")
     assert z3["memory"]["zero_stage"] == 3 and z2["memory"]["zero_stage"] == 2
     assert z3["memory"]["gpu_gib"] < z2["memory"]["gpu_gib"]

@@ -57,20 +57,24 @@ def dry_run(cfg: Config, ds_raw: Dict[str, Any], world_size: int) -> Dict[str, A
     mem = model_state_bytes(total["total"], total["trainable"], stage, world_size,
                             cfg.train.precision == "bf16", "offload_optimizer" in off,
                             "offload_param" in off)
+    outside = {f"{name} [fp32, outside engines]": count(m) for name, m in task.outside_engines(modules).items()}
+    mem["outside_engines_gib"] = sum(c["total"] for c in outside.values()) * 4 / GiB
+    mem["gpu_gib"] += mem["outside_engines_gib"]
+    components.update(outside)
     return {"components": components, "total": total,
             "memory": {"world_size": world_size, "zero_stage": stage, "offload": sorted(off),
                        "precision": cfg.train.precision, **mem}}
 
 
 def format_report(rep: Dict[str, Any]) -> str:
-    lines = [f"{'component':<24}{'total':>16}{'trainable':>16}{'frozen':>16}"]
-    for name, c in list(rep["components"].items()) + [("TOTAL", rep["total"])]:
-        lines.append(f"{name:<24}{c['total']:>16,}{c['trainable']:>16,}{c['frozen']:>16,}")
+    lines = [f"{'component':<44}{'total':>16}{'trainable':>16}{'frozen':>16}"]
+    for name, c in list(rep["components"].items()) + [("TOTAL (engines)", rep["total"])]:
+        lines.append(f"{name:<44}{c['total']:>16,}{c['trainable']:>16,}{c['frozen']:>16,}")
     m = rep["memory"]
     lines.append(
         f"model states per GPU (ZeRO-{m['zero_stage']}, {m['world_size']} GPUs, {m['precision']}"
         f"{', offload ' + '+'.join(m['offload']) if m['offload'] else ''}): {m['gpu_gib']:.2f} GiB "
         f"(params {m['gpu_params_gib']:.2f}, grads {m['gpu_grads_gib']:.2f}, optimizer "
-        f"{m['gpu_optimizer_gib']:.2f}); CPU per rank {m['cpu_gib_per_rank']:.2f} GiB; "
-        f"activations not included")
+        f"{m['gpu_optimizer_gib']:.2f}, fp32 networks outside the engines {m['outside_engines_gib']:.2f}); "
+        f"CPU per rank {m['cpu_gib_per_rank']:.2f} GiB; activations not included")
     return "\n".join(lines)

@@ -137,6 +137,10 @@ class Task(ABC):
         """Named components for parameter counts (dry run)."""
         return dict(modules)
 
+    def outside_engines(self, modules: Mapping[str, nn.Module]) -> Dict[str, nn.Module]:
+        """Frozen networks the task holds outside every engine, in fp32 on every GPU (dry run)."""
+        return {}
+
 
 _REGISTRY: Dict[str, type] = {}
 

@@ -368,14 +368,18 @@ class ReconTask(Task):
                "projector (mlp1)": vision.multi_modal_projector,
                "adapter": model.unilip.adapter, "decoder (DC-AE)": model.unilip.dcae,
                }
-        # the fp32 loss networks, outside the engines (built on the meta device for counting)
+        if DISC in modules:
+            out["discriminator"] = modules[DISC]
+        return out
+
+    def outside_engines(self, modules: Mapping[str, nn.Module]) -> Dict[str, nn.Module]:
+        """The fp32 loss networks (built on the meta device for counting)."""
+        model = modules[MAIN]
         frozen = model.__dict__["_frozen"]
         if frozen is None:
             with torch.device("meta"):
                 frozen = FrozenNets(model.flavor, model.with_teacher)
-        out["perceptual (frozen)"] = frozen.perceptual
+        out = {"perceptual (frozen)": frozen.perceptual}
         if frozen.teacher is not None:
             out["teacher (frozen)"] = frozen.teacher
-        if DISC in modules:
-            out["discriminator"] = modules[DISC]
         return out
