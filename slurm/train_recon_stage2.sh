@@ -1,6 +1,7 @@
 #!/bin/bash
 # UniLIP reconstruction stage 2 (encoder trains, self-distillation, GAN from 200k), 1 node x 8 GPUs.
-# Start from stage 1: model.init_from=<export of recon_stage1>.
+# Start from stage 1: model.init_from=<export of recon_stage1>; the self-distillation teacher
+# (the original encoder): model.internvl_path=<InternVL3-hf> or recon.teacher_path=<that export>.
 #   sbatch slurm/train_recon_stage2.sh [launch/train.py options] [key=value overrides]
 # Submit from the repository root; site options (--partition, --account) go on the sbatch line.
 #SBATCH --job-name=recon_stage2

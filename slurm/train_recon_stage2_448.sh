@@ -1,6 +1,7 @@
 #!/bin/bash
 # UniLIP reconstruction stage 2 at 448 px (activation checkpointing), 1 node x 8 GPUs.
-# Start from stage 2: model.init_from=<export of recon_stage2>.
+# Start from stage 2: model.init_from=<export of recon_stage2>; the self-distillation teacher
+# (the original encoder): model.internvl_path=<InternVL3-hf> or recon.teacher_path=<a recon_stage1 export>.
 #   sbatch slurm/train_recon_stage2_448.sh [launch/train.py options] [key=value overrides]
 # Submit from the repository root; site options (--partition, --account) go on the sbatch line.
 #SBATCH --job-name=recon_stage2_448

@@ -49,7 +49,7 @@ _INTERNVIT_300M = dict(
     image_size=448, patch_size=14, attention_bias=True, use_qk_norm=False, norm_type="layer_norm",
     layer_norm_eps=1e-6, layer_scale_init_value=0.1, use_mean_pooling=True, hidden_act="gelu")
 
-# mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers
+# mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers (the 1.0 architecture, improved decoder)
 _DCAE_F32C32_SANA = dict(
     in_channels=3, latent_channels=32, attention_head_dim=32,
     encoder_block_types=["ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock",
