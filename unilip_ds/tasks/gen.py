@@ -12,7 +12,6 @@ Heavy libraries are imported lazily: `unilip_ds.config` imports this package.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
@@ -20,8 +19,6 @@ import torch
 from torch import nn
 
 from unilip_ds.tasks.base import MAIN, ParamGroup, Task, register, split_decay
-
-log = logging.getLogger("unilip_ds")
 
 # export / pipeline component -> GenModel attribute
 COMPONENTS = ("mllm", "connector", "transformer", "adapter", "decoder", "dcae")
