@@ -1,0 +1,59 @@
+"""benchmarks/gen_flops.py on the tiny flavor (meta device, no memory, a few seconds): the
+per-component FLOPs of a generator training step add up to one whole-step count, and the
+frozen prompt prefix weighs more in an edit step (the reference image's tokens are in the
+prompt) than in a T2I step, so the `prefix` cache level pays off more for edit."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import gen_flops  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return gen_flops.measure("tiny", batch=4, prompt_tokens=24)
+
+
+def test_component_sum_equals_whole_step(tiny):
+    for task, e in tiny["tasks"].items():
+        assert e["whole_step_gflops"] > 0
+        assert abs(e["sum_vs_whole"] - 1) < 0.02, (task, e["sum_vs_whole"])
+        f = e["gflops_per_sample_fwd_bwd"]
+        for frozen in ("target_enc", "ref_enc", "llm_prefix"):  # no_grad / no graph: no backward
+            assert f[frozen]["bwd"] == 0
+        for trained in ("llm_query", "connector", "dit"):  # gradients flow (to the queries)
+            assert f[trained]["fwd"] > 0 and f[trained]["bwd"] > f[trained]["fwd"]
+        assert (f["ref_enc"]["fwd"] > 0) == (task == "edit")
+        s = e["predicted_speedup"]
+        assert s["none"] == 1.0 and 1.0 < s["latents"] < s["prefix"]
+    assert tiny["optimizer_counted_flops"] == 0  # AdamW is element-wise: nothing FlopCounterMode counts
+
+
+def test_edit_prefix_dominates_more_than_t2i(tiny):
+    t2i, edit = tiny["tasks"]["t2i"], tiny["tasks"]["edit"]
+
+    def share(e):
+        return e["gflops_per_sample"]["llm_prefix"] / sum(e["gflops_per_sample"].values())
+    assert share(edit) > share(t2i)
+    assert edit["predicted_speedup"]["prefix"] > t2i["predicted_speedup"]["prefix"]
+    gain = {t: e["predicted_speedup"]["prefix"] / e["predicted_speedup"]["latents"] for t, e in tiny["tasks"].items()}
+    assert gain["edit"] > gain["t2i"]  # what the prefix level adds on top of latents
+
+
+def test_depthwise_conv_backward_counts_groups():
+    # torch's formula ignores groups in the weight gradient; the benchmark's does not
+    x = torch.empty(2, 64, 8, 8, device="meta", requires_grad=True)
+    w = torch.empty(64, 1, 3, 3, device="meta", requires_grad=True)
+    fwd, bwd = gen_flops.flop_counter(), gen_flops.flop_counter()
+    with fwd:
+        y = torch.nn.functional.conv2d(x, w, padding=1, groups=64)
+    with bwd:
+        y.sum().backward()
+    assert bwd.get_total_flops() == 2 * fwd.get_total_flops()
