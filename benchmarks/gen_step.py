@@ -5,6 +5,8 @@ torch.utils.flop_counter on one step: matmuls and attention, forward and backwar
     .venv/bin/python benchmarks/gen_step.py --flavor 1b --attn flash,sdpa --batch 32 --steps 6
     .venv/bin/python benchmarks/gen_step.py --flavor tiny --device cpu --dtype fp32 --batch 2 --steps 2
 
+FLOPs are the executed ones (activation checkpointing's recompute included, so MFU here is
+hardware FLOP utilisation), counted by benchmarks/gen_flops.py's corrected counter.
 Random weights (the dimensions are the flavor's), random pixels, prompt token ids of
 `--prompt-tokens` length (T2I) or the edit layout (text + 256 image tokens); the model code is
 the training code's GenModel, stepped with AdamW on the trainable parameters, without
@@ -19,6 +21,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -39,9 +42,12 @@ def fake_prompts(task: str, batch: int, text: int, image_tokens: int, vocab: int
     return PromptBatch(ids, mask, image_mask, lengths)
 
 
-def run(args, impl: str) -> dict:
+def run(args, impl: str, flops: Optional[int] = None) -> dict:
+    """Times `impl`; counts the step's FLOPs unless given (flash-attention's kernels are not
+    seen by torch's FLOP counter, so the SDPA run's count serves every backend)."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.gen_flops import flop_counter
 
     from unilip_ds.config import load_config
     from unilip_ds.models.gen_loading import build_gen_model
@@ -75,10 +81,11 @@ def run(args, impl: str) -> dict:
             torch.cuda.synchronize()
 
     step()  # warm-up (allocations, kernels)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        step()
-    flops = counter.get_total_flops()
+    if flops is None:
+        counter = flop_counter()  # with the depthwise-conv backward formula corrected
+        with counter:
+            step()
+        flops = counter.get_total_flops()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -92,7 +99,7 @@ def run(args, impl: str) -> dict:
     out = {"attn": impl, "task": args.task, "flavor": args.flavor, "batch": args.batch, "dtype": args.dtype,
            "grad_checkpointing": args.grad_checkpointing, "step_s": round(t, 4),
            "samples_per_s": round(args.batch / t, 2), "gflops_per_step": round(flops / 1e9, 1),
-           "mfu": round(flops / t / (args.peak_tflops * 1e12), 4)}
+           "mfu": round(flops / t / (args.peak_tflops * 1e12), 4), "flops": flops}
     if device.type == "cuda":
         out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
     return out
@@ -111,8 +118,10 @@ def main() -> int:
     ap.add_argument("--no-grad-checkpointing", dest="grad_checkpointing", action="store_false")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     args = ap.parse_args()
-    for impl in args.attn.split(","):
-        print(json.dumps(run(args, impl)), flush=True)
+    impls = args.attn.split(",")
+    flops = run(args, "sdpa")["flops"] if "flash" in impls else None
+    for impl in impls:
+        print(json.dumps(run(args, impl, flops)), flush=True)
     return 0
 
 

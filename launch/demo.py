@@ -12,7 +12,7 @@
      next to their inputs as one PNG grid; the edit is scored against copying the input.
 
     python launch/demo.py [--out demo_out] [--nproc 2] [--stage1-steps 240] [--stage2-steps 60]
-                          [--gen1-steps 40] [--gen2-steps 400]
+                          [--gen1-steps 40] [--gen2-steps 1200]
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def main() -> int:
     ap.add_argument("--stage1-steps", type=int, default=240)
     ap.add_argument("--stage2-steps", type=int, default=60)
     ap.add_argument("--gen1-steps", type=int, default=40)
-    ap.add_argument("--gen2-steps", type=int, default=400)
+    ap.add_argument("--gen2-steps", type=int, default=1200)
     args = ap.parse_args()
 
     out = Path(args.out).resolve()
