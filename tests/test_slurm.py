@@ -232,7 +232,13 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(cluster, shards, tmp
     assert "got SIGUSR1" in first and "stopping on signal SIGUSR1" in first
     assert "requeueing job" in first
 
-    # a requeued job waits ~2 min (BeginTime) before it is eligible again
+    # a requeued job waits ~2 min (BeginTime) before it is eligible again. Start it now, but
+    # only once the node has finished cleaning up the first run: a job placed on a node that
+    # is still completing is killed by slurmd ("Job credential revoked"), seen under load
+    deadline = time.time() + 60
+    while cluster.client(["sinfo", "-h", "-o", "%t"], check=False).stdout.strip() != "idle":
+        assert time.time() < deadline, "the node did not return to idle after the first run"
+        time.sleep(0.3)
     cluster.client(["scontrol", "update", f"JobId={job}", "StartTime=now"])
     info = cluster.wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 150, log)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", tail(log)
