@@ -1,0 +1,188 @@
+"""Caches of what the generator's frozen parts compute (DESIGN 2.3), per source shard.
+
+A cache set (a directory or s3:// prefix) holds, for every source shard `X.tar`, a cache
+shard `X.tar` whose members are `<sample key>.cache`: the safetensors bytes of that sample's
+tensors, in the source shard's order:
+
+  level latents  latent          (C, h, w)       target latent x gen.latent_scale
+                 ref             (N, d)          edit: the reference image's UniLIP features
+  level prefix   prefix.hidden   (P, d)          the frozen LLM over the prompt prefix (post-norm,
+                 prefix.k/.v     (L, kvh, P, hd)   image positions = raw features) and its K/V
+                 null.hidden/.k/.v               edit: the same for the CFG-null prompt (it keeps
+                                                 the image); T2I's null prompt is one constant
+
+plus `cache_manifest.json`: the level, the fingerprint (everything the values depend on),
+and per shard its sample count, bytes and sha256. Values come from GenModel's own
+`target_latent` / `image_features` / `prefix`, the calls the live training path makes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+
+LEVELS = ("none", "latents", "prefix")
+MANIFEST = "cache_manifest.json"
+FORMAT = "unilip_ds.cache/1"
+
+
+class CacheError(ValueError):
+    """A cache that cannot be used for this run; the message is one line."""
+
+
+def encode_record(tensors: Dict[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save
+    return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+
+
+def decode_record(data: bytes) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load
+    return load(data)
+
+
+def tensor_hash(state: Dict[str, torch.Tensor]) -> str:
+    """sha256 of names, dtypes, shapes and bytes, in key order."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().contiguous().cpu()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def fingerprint(model, builder, level: str, dtype: torch.dtype, flavor: str) -> Dict[str, str]:
+    """Everything the cached values depend on, part by part (a mismatch names the part)."""
+    from unilip_ds.engine.weights import full_state_dict
+    from unilip_ds.models.prompts import NULL_PROMPTS, TEMPLATES, chat
+    if level not in LEVELS[1:]:
+        raise CacheError(f"cache level must be latents or prefix, got '{level}'")
+    base = model.mllm.model
+    encoder = {**{f"vision.{k}": v for k, v in full_state_dict(base.vision_tower).items()},
+               **{f"projector.{k}": v for k, v in full_state_dict(base.multi_modal_projector).items()},
+               **{f"adapter.{k}": v for k, v in full_state_dict(model.adapter).items()}}
+    if model.dcae is not None:
+        encoder.update({f"dcae.{k}": v for k, v in full_state_dict(model.dcae.encoder).items()})
+    parts = {"format": FORMAT, "level": level, "flavor": flavor, "dtype": str(dtype).replace("torch.", ""),
+             "target": model.target, "latent_scale": repr(float(model.latent_scale)),
+             "resolution": str(model.resolution), "weights.encoder": tensor_hash(encoder)}
+    if level == "prefix":
+        parts["weights.llm"] = tensor_hash(full_state_dict(model.llm))
+        prompt = {"templates": TEMPLATES, "null": NULL_PROMPTS, "chat": chat("{}"),
+                  "max_length": builder.max_length, "num_queries": builder.num_queries,
+                  "num_image_tokens": builder.num_image_tokens}
+        parts["prompt"] = hashlib.sha256(json.dumps(prompt, sort_keys=True).encode()).hexdigest()
+        tok = builder.tokenizer
+        parts["tokenizer"] = hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest() \
+            if hasattr(tok, "backend_tokenizer") else hashlib.sha256(
+                json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()
+    return parts
+
+
+def mismatch(theirs: Dict[str, str], ours: Dict[str, str]) -> Optional[str]:
+    """The parts that differ, as a phrase; None when the cache fits."""
+    diff = [f"{k} (cache: {str(theirs.get(k))[:12]}, this run: {str(ours.get(k))[:12]})"
+            for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+    return ("differs: " + ", ".join(diff)) if diff else None
+
+
+@dataclass
+class CacheShard:
+    name: str  # the source shard's file name
+    source: str  # the source shard's URL when built
+    samples: int
+    bytes: int
+    sha256: str
+    skipped: Dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class CacheManifest:
+    task: str  # t2i | edit
+    level: str
+    fingerprint: Dict[str, str]
+    shards: List[CacheShard] = field(default_factory=list)
+    format: str = FORMAT
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "CacheManifest":
+        d = json.loads(text)
+        d["shards"] = [CacheShard(**s) for s in d.get("shards", [])]
+        return cls(**d)
+
+
+# -------------------------------------------------------------------------- per-sample records
+def prefix_rows(state, prefix: str) -> List[Dict[str, torch.Tensor]]:
+    """Row i of a PrefixState, unpadded: {prefix.hidden (P_i, d), prefix.k/.v (L, kvh, P_i, hd)}."""
+    rows = []
+    for i, n in enumerate(state.mask.sum(1).tolist()):
+        real = state.mask[i]
+        rows.append({f"{prefix}.hidden": state.hidden[i][real],
+                     f"{prefix}.k": torch.stack([k[i][:, real] for k, _ in state.kv]),
+                     f"{prefix}.v": torch.stack([v[i][:, real] for _, v in state.kv])})
+    return rows
+
+
+def state_from_rows(rows: List[Dict[str, torch.Tensor]], prefix: str, device, dtype):
+    """The PrefixState of a batch from per-sample records: right-padded to the longest."""
+    from unilip_ds.models.generator import PrefixState
+    lengths = [r[f"{prefix}.hidden"].shape[0] for r in rows]
+    width, b = max(lengths), len(rows)
+    first = rows[0]
+    d = first[f"{prefix}.hidden"].shape[1]
+    layers, kvh, _, hd = first[f"{prefix}.k"].shape
+    hidden = torch.zeros(b, width, d, dtype=dtype, device=device)
+    keys = torch.zeros(layers, b, kvh, width, hd, dtype=dtype, device=device)
+    values = torch.zeros_like(keys)
+    mask = torch.zeros(b, width, dtype=torch.bool, device=device)
+    for i, (r, n) in enumerate(zip(rows, lengths)):
+        hidden[i, :n] = r[f"{prefix}.hidden"].to(device, dtype)
+        keys[:, i, :, :n] = r[f"{prefix}.k"].to(device, dtype)
+        values[:, i, :, :n] = r[f"{prefix}.v"].to(device, dtype)
+        mask[i, :n] = True
+    return PrefixState(hidden, [(keys[l], values[l]) for l in range(layers)], mask)
+
+
+@torch.no_grad()
+def compute_records(model, builder, task: str, images: torch.Tensor, texts: List[str], level: str,
+                    dtype: torch.dtype, ref_images: Optional[torch.Tensor] = None) -> List[Dict[str, torch.Tensor]]:
+    """The cache records of one decoded batch (images in [0, 1] on the model's device)."""
+    latents = model.target_latent(images)
+    feats = model.image_features(ref_images) if task == "edit" else None
+    rows: List[Dict[str, torch.Tensor]] = [{"latent": latents[i]} for i in range(len(texts))]
+    if feats is not None:
+        for i, r in enumerate(rows):
+            r["ref"] = feats[i]
+    if level == "prefix":
+        device = images.device
+        for r, p in zip(rows, prefix_rows(model.prefix(builder(task, texts).to(device), feats), "prefix")):
+            r.update(p)
+        if task == "edit":
+            null = model.prefix(builder(task, [None] * len(texts)).to(device), feats)
+            for r, p in zip(rows, prefix_rows(null, "null")):
+                r.update(p)
+    return [{k: v.to(dtype) for k, v in r.items()} for r in rows]
+
+
+def bytes_per_sample(model, builder, task: str, level: str, dtype: torch.dtype, prompt_tokens: float) -> int:
+    """Storage of one sample's record at `level` (prompt_tokens: mean prefix length)."""
+    if level == "none":
+        return 0
+    size = torch.tensor([], dtype=dtype).element_size()
+    side = model.resolution // (32 if model.target == "dcae" else 28)
+    n = model.transformer.config.in_channels * side * side
+    d = model.llm.config.hidden_size
+    if task == "edit":
+        n += builder.num_image_tokens * d
+    if level == "prefix":
+        cfg = model.llm.config
+        hd = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
+        per_token = d + 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * hd
+        n += int(prompt_tokens * per_token) * (2 if task == "edit" else 1)
+    return n * size
