@@ -27,12 +27,13 @@ import sys
 import tarfile
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from unilip_ds.data.cache import INDEX_SUFFIX  # noqa: E402
+
 PARTS = "_parts"  # per-shard entries written by the ranks, merged into the manifest
-INDEX_SUFFIX = ".index.json"
 
 
 def parse(argv=None):
@@ -111,7 +112,7 @@ def build_shard(model, builder, task: str, url: str, dst_url: str, data_cfg, lev
     import torch
 
     from unilip_ds.data import storage
-    from unilip_ds.data.cache import compute_records, encode_record
+    from unilip_ds.data.cache import compute_records, encode_record, record_digest
     from unilip_ds.data.decode import Decoder, SampleError
     from unilip_ds.data.stream import iter_shard
     decoder = Decoder(task, data_cfg.resolution, train=False)
@@ -140,7 +141,7 @@ def build_shard(model, builder, task: str, url: str, dst_url: str, data_cfg, lev
                     info = tarfile.TarInfo(f"{p['__key__']}.cache")
                     info.size, info.mtime, info.mode = len(data), 0, 0o644
                     # one 512-byte USTAR header, then the data: readers fetch a record by range
-                    index[p["__key__"]] = [tar.offset + tarfile.BLOCKSIZE, len(data)]
+                    index[p["__key__"]] = [tar.offset + tarfile.BLOCKSIZE, len(data), record_digest(data)]
                     tar.addfile(info, io.BytesIO(data))
                 samples += len(pending)
                 progress(len(pending))

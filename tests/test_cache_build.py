@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from tests.launch_util import check, run
-from unilip_ds.data.cache import MANIFEST, CacheManifest, decode_record
+from unilip_ds.data.cache import MANIFEST, CacheManifest, decode_record, record_digest
 from unilip_ds.data.decode import Decoder
 from unilip_ds.data.stream import iter_shard
 
@@ -50,8 +50,9 @@ def test_cache_records_equal_the_live_computation(gen_assets, sample_shards, sam
         assert [k for k, _ in records] == [r["__key__"] for r in raws]  # aligned with the source
         index = json.loads((dst / (Path(url).name + ".index.json")).read_text())
         blob = (dst / Path(url).name).read_bytes()
-        for key, rec in records:  # the index gives each record by byte range
-            start, length = index[key]
+        for key, rec in records:  # the index gives each record by byte range, with its digest
+            start, length, digest = index[key]
+            assert record_digest(blob[start:start + length]) == digest
             assert torch.equal(decode_record(blob[start:start + length])["latent"], rec["latent"])
         decoder = Decoder(task, task_obj.cfg.data.resolution, train=False)
         for raw, (_, rec) in list(zip(raws, records))[:5]:

@@ -116,6 +116,7 @@ class Trainer:
                 self.ema.load_state_dict(state["ema"] if "ema" in state else
                                          checkpoint.rank_state(self.out, tag, 0)["ema"])
             log.info(f"resumed from {self.out / 'checkpoints' / tag} at step {self.step}")
+        self.task.after_load(self.modules)
         self.tracker = Tracker(cfg, self.rank, run_id)
         self._signal: Optional[str] = None
         for sig in (signal.SIGUSR1, signal.SIGTERM):

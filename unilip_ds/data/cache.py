@@ -27,7 +27,10 @@ import torch
 
 LEVELS = ("none", "latents", "prefix")
 MANIFEST = "cache_manifest.json"
+INDEX_SUFFIX = ".index.json"  # per cache shard: key -> [offset, length, digest] of its record
 FORMAT = "unilip_ds.cache/1"
+# why a cached source's sample was computed live
+MISS_REASONS = ("missing_shard", "missing_sample", "unreadable", "corrupt")
 
 
 class CacheError(ValueError):
@@ -42,6 +45,10 @@ def encode_record(tensors: Dict[str, torch.Tensor]) -> bytes:
 def decode_record(data: bytes) -> Dict[str, torch.Tensor]:
     from safetensors.torch import load
     return load(data)
+
+
+def record_digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
 def tensor_hash(state: Dict[str, torch.Tensor]) -> str:
@@ -115,6 +122,77 @@ class CacheManifest:
         d = json.loads(text)
         d["shards"] = [CacheShard(**s) for s in d.get("shards", [])]
         return cls(**d)
+
+
+# -------------------------------------------------------------------------- reading
+def read_manifest(url: str, cfg: Any = None) -> CacheManifest:
+    from unilip_ds.data import storage
+    try:
+        return CacheManifest.from_json(storage.read_bytes(storage.join(url, MANIFEST), cfg).decode())
+    except (storage.StorageError, OSError, ValueError, TypeError, KeyError) as exc:
+        raise CacheError(f"cache {url}: no readable {MANIFEST} ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def level_keys(level: str, task: str) -> tuple:
+    keys = ("latent",) + (("ref",) if task == "edit" else ())
+    if level == "prefix":
+        keys += ("prefix.hidden", "prefix.k", "prefix.v")
+        if task == "edit":
+            keys += ("null.hidden", "null.k", "null.v")
+    return keys
+
+
+class SourceCache:
+    """Records of one cached source, fetched by (source shard URL, sample key) with one ranged
+    read each; a record that is missing, unreadable or fails its digest is a miss (the
+    sample is then computed live), never a wrong value."""
+
+    def __init__(self, url: str, task: str, cfg: Any = None):
+        self.url, self.cfg = url, cfg
+        self.manifest = read_manifest(url, cfg)
+        if self.manifest.task != task:
+            raise CacheError(f"cache {url} holds {self.manifest.task} samples, its source is {task}")
+        self.names = {s.name for s in self.manifest.shards}
+        self.keys = level_keys(self.manifest.level, task)
+        self._index: Dict[str, Optional[dict]] = {}
+
+    def _shard_index(self, name: str) -> Optional[dict]:
+        from unilip_ds.data import storage
+        if name not in self._index:
+            if len(self._index) > 8:  # a worker reads few shards at a time
+                self._index.clear()
+            try:
+                self._index[name] = json.loads(storage.read_bytes(
+                    storage.join(self.url, name + INDEX_SUFFIX), self.cfg)) if name in self.names else None
+            except (storage.StorageError, OSError, ValueError):
+                self._index[name] = None
+        return self._index[name]
+
+    def get(self, shard_url: str, key: str):
+        """(record, None) or (None, miss reason)."""
+        from unilip_ds.data import storage
+        name = shard_url.rstrip("/").rsplit("/", 1)[-1]
+        index = self._shard_index(name)
+        if index is None:
+            return None, "missing_shard"
+        entry = index.get(key)
+        if entry is None:
+            return None, "missing_sample"
+        start, length, digest = entry
+        try:
+            data = storage.read_bytes(storage.join(self.url, name), self.cfg, start, length)
+        except (storage.StorageError, OSError):
+            return None, "unreadable"
+        if len(data) != length or record_digest(data) != digest:
+            return None, "corrupt"
+        try:
+            rec = decode_record(data)
+        except Exception:  # safetensors raises its own error types on bad bytes
+            return None, "corrupt"
+        if not all(k in rec for k in self.keys):
+            return None, "corrupt"
+        return rec, None
 
 
 # -------------------------------------------------------------------------- per-sample records

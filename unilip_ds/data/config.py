@@ -22,6 +22,9 @@ class SourceConfig:
     weight: float = 1.0
     # each shard appears this many times per epoch of this source
     repeats: int = 1
+    # a cache of the generator's frozen outputs for these shards (data_prep/cache_features.py
+    # --dst): a directory or s3:// prefix; its records replace those forward passes
+    cache: Optional[str] = None
 
 
 @dataclass
@@ -29,6 +32,7 @@ class DataSplitConfig:
     # shard spec(s) of a single source (used when `sources` is empty)
     urls: List[str] = field(default_factory=list)
     task: str = "recon"  # task of `urls`
+    cache: Optional[str] = None  # cache of `urls` (see SourceConfig.cache)
     sources: List[SourceConfig] = field(default_factory=list)
 
 
@@ -61,9 +65,11 @@ def split_sources(split: DataSplitConfig, which: str) -> List[SourceConfig]:
     if split.sources:
         if split.urls:
             raise DataError(f"config key 'data.{which}': set either urls or sources, not both")
+        if split.cache:
+            raise DataError(f"config key 'data.{which}.cache': with sources, set each source's cache")
         sources = list(split.sources)
     elif split.urls:
-        sources = [SourceConfig(name=which, urls=list(split.urls), task=split.task)]
+        sources = [SourceConfig(name=which, urls=list(split.urls), task=split.task, cache=split.cache)]
     else:
         raise DataError(f"config key 'data.{which}.urls': no shards configured")
     names = set()

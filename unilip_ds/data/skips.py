@@ -37,6 +37,13 @@ class SkipStats:
         self.read = 0      # raw samples pulled out of tars
         self.decoded = 0   # samples decoded successfully
         self.skipped: Dict[str, int] = {r: 0 for r in REASONS}
+        # samples of a cached source whose record was unusable (computed live instead)
+        self.cache_miss: Dict[str, int] = {}
+
+    def miss(self, reason: str, what: str) -> None:
+        n = self.cache_miss[reason] = self.cache_miss.get(reason, 0) + 1
+        if n <= _LOG_FIRST or n % 1000 == 0:
+            log.warning("data: cache miss for %s (%s, #%d): computed live", what, reason, n)
 
     def skip(self, reason: str, what: str, detail: str = "") -> None:
         n = self.skipped[reason] = self.skipped[reason] + 1
@@ -45,12 +52,14 @@ class SkipStats:
                         f": {detail}" if detail else "")
 
     def state_dict(self) -> dict:
-        return {"read": self.read, "decoded": self.decoded, "skipped": dict(self.skipped)}
+        return {"read": self.read, "decoded": self.decoded, "skipped": dict(self.skipped),
+                "cache_miss": dict(self.cache_miss)}
 
     def load_state_dict(self, state: Mapping) -> None:
         self.read = int(state["read"])
         self.decoded = int(state["decoded"])
         self.skipped = {r: int(state["skipped"].get(r, 0)) for r in REASONS}
+        self.cache_miss = {r: int(n) for r, n in state.get("cache_miss", {}).items()}
 
 
 def skip_rate(read: int, skipped: Mapping[str, int]) -> float:
@@ -90,6 +99,8 @@ class SkipTracker:
             read += s["read"]
             for r, n in s["skipped"].items():
                 out[f"data/skipped/{r}"] += n
+            for r, n in s.get("cache_miss", {}).items():
+                out[f"data/cache_miss/{r}"] = out.get(f"data/cache_miss/{r}", 0) + n
         out["data/read"] = read
         return out
 

@@ -315,6 +315,8 @@ class MixtureStream(IterableDataset):
         self.stats = SkipStats()
         self.streams = [SourceStream(i, s, sh, self.cfg, self.seed, g, n, self.stats)
                         for i, (s, sh) in enumerate(zip(self.sources, self.shards))]
+        from unilip_ds.data.cache import SourceCache
+        self.caches = [SourceCache(s.cache, s.task, self.cfg) if s.cache else None for s in self.sources]
         self.batch_no = 0
         self._owner = (os.getpid(), worker)
         if self._pending is not None:
@@ -355,6 +357,16 @@ class MixtureStream(IterableDataset):
         self._ensure_built()
         return self._batches()
 
+    def _cached(self, i: int, raw: dict) -> Optional[dict]:
+        """The sample's cache record (tensors), or None (no cache, or a miss: counted)."""
+        cache = self.caches[i]
+        if cache is None:
+            return None
+        rec, why = cache.get(raw["__url__"], raw["__key__"])
+        if why is not None:
+            self.stats.miss(why, f"sample {raw['__key__']} of {raw['__url__']}")
+        return rec
+
     def _batches(self) -> Iterator[dict]:
         gens = [s.samples() for s in self.streams]
         by_task = {t: [i for i, s in enumerate(self.sources) if s.task == t] for t in self.tasks}
@@ -369,7 +381,7 @@ class MixtureStream(IterableDataset):
             rng = np.random.default_rng([self.seed, 2, self.rank, self.worker, b])
             builder = self.decoders[task].new_batch(self.batch_size)
             candidates, p = by_task[task], probs[task]
-            names = []
+            names, records = [], []
             while not builder.full:
                 # a single source needs no draw (and keeps the rng for the crops)
                 i = candidates[int(rng.choice(len(candidates), p=p))] \
@@ -383,9 +395,12 @@ class MixtureStream(IterableDataset):
                     continue
                 self.stats.decoded += 1
                 names.append(self.sources[i].name)
+                records.append(self._cached(i, raw))
             self.batch_no = b + 1
             batch = builder.finish()
             batch["__source__"] = names
+            if any(c is not None for c in self.caches):
+                batch["__cache__"] = records  # per sample: its cache record, or None
             batch["__stats__"] = {
                 "worker": self.worker, **self.stats.state_dict(),
                 "reread": sum(s.reread for s in self.streams)}

@@ -178,26 +178,28 @@ class GenModel(nn.Module):
                                 encoder_attention_mask=mask.to(self.dtype),
                                 timestep=timestep.to(x.device), return_dict=False)[0]
 
-    def forward(self, prompts: PromptBatch, image: Optional[torch.Tensor] = None,
+    def forward(self, prompts: Optional[PromptBatch], image: Optional[torch.Tensor] = None,
                 ref_image: Optional[torch.Tensor] = None, target: Optional[torch.Tensor] = None,
                 prefix: Optional[PrefixState] = None, u: Optional[torch.Tensor] = None,
-                noise: Optional[torch.Tensor] = None, shift: float = 1.0) -> Dict[str, torch.Tensor]:
+                noise: Optional[torch.Tensor] = None, shift: float = 1.0,
+                ref_features: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """Rectified-flow loss per sample (fp32, (B,)).
 
         Targets come from `image` (live) or `target` (a cached scaled latent); the condition
-        from `prompts` (+ `ref_image` for edit) or a cached `prefix`. `u` (logit-normal draws)
-        and `noise` are drawn here unless given (tests give them)."""
+        from `prompts` (+ `ref_image`, or its cached `ref_features`, for edit) or a cached
+        `prefix`. `u` (logit-normal draws) and `noise` are drawn here unless given (tests)."""
         x0 = (target if target is not None else self.target_latent(image)).float()
         if prefix is None:
-            feats = self.image_features(ref_image) if ref_image is not None else None
+            feats = ref_features if ref_features is not None else \
+                self.image_features(ref_image) if ref_image is not None else None
             prefix = self.prefix(prompts, feats)
         enc, mask = self.condition(prefix)
         b = x0.shape[0]
         if u is None:
             u = torch.sigmoid(torch.randn(b))  # CPU generator: identical on every device
         sigma = train_sigmas(u, shift).to(x0.device)
-        if noise is None:
-            noise = torch.randn_like(x0)
+        if noise is None:  # not randn_like: x0's strides (channels-last from the adapter's
+            noise = torch.randn(x0.shape, dtype=x0.dtype, device=x0.device)  # reshape) would reorder it
         s = sigma.view(-1, 1, 1, 1)
         x_t = (1 - s) * x0 + s * noise
         pred = self.velocity(x_t, sigma * NUM_TRAIN_TIMESTEPS, enc, mask)

@@ -75,6 +75,10 @@ class Task(ABC):
     def load_pretrained(self, modules: Mapping[str, nn.Module]) -> None:
         """Load real weights from the paths in the config (not called for a dry run)."""
 
+    def after_load(self, modules: Mapping[str, nn.Module]) -> None:
+        """Once the weights are in place (fresh, init_from or resumed), on every rank, before
+        the first step: checks that need the loaded model (e.g. cache fingerprints)."""
+
     def param_groups(self, name: str, module: nn.Module) -> List[ParamGroup]:
         """Trainable parameters of engine `name`, grouped by LR multiplier / decay."""
         return split_decay(module, name, self.cfg.optim.weight_decay)

@@ -167,15 +167,84 @@ class GenTask(Task):
     def loss(self, phase: str, batch: dict, step: int,
              engines: Mapping[str, nn.Module]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         null = self.null_mask(len(batch["__key__"]))
-        prompts, ref = self._inputs(batch, null)
+        model = getattr(engines[MAIN], "module", engines[MAIN])
+        cached = self._cached(batch, null, model)
+        prompts, ref = (None, None) if "prefix" in cached else self._inputs(batch, null)
         out = engines[MAIN](prompts, image=batch["image"], ref_image=ref,
-                            shift=self.cfg.gen.flow_shift_train)
+                            shift=self.cfg.gen.flow_shift_train, **cached)
         loss = out["loss"].mean()
         task = batch["__task__"]
         logs = {"loss/flow": loss.detach(), f"loss/flow_{task}": loss.detach(),
                 "data/cfg_null_frac": null.float().mean(),
-                "data/truncated_prompts": torch.tensor(float(prompts.truncated))}
+                "data/truncated_prompts": torch.tensor(float(prompts.truncated if prompts else 0)),
+                "data/cached_latents": torch.tensor(float("target" in cached)),
+                "data/cached_prefix": torch.tensor(float("prefix" in cached))}
         return loss, logs
+
+    # -- frozen-output caches ------------------------------------------------------------
+    def _cached(self, batch: dict, null: torch.Tensor, model) -> dict:
+        """GenModel.forward's cached inputs for this batch: `target` (+ `ref_features`) when
+        every sample has its record, `prefix` too at level prefix; else {} (live). All ranks
+        agree on the level first: under ZeRO-3 every rank must run the same forwards."""
+        from unilip_ds.data.cache import state_from_rows
+        from unilip_ds.engine import dist
+        records = batch.get("__cache__")
+        if not records:
+            return {}
+        task = batch["__task__"]
+        latents = all(r is not None for r in records)
+        prefix = latents and all("prefix.hidden" in r for r in records)
+        lacking = dist.all_reduce([float(not latents), float(not prefix)])
+        out: dict = {}
+        if lacking[0] > 0:
+            return out
+        device, dtype = batch["image"].device, model.dtype
+        out["target"] = torch.stack([r["latent"] for r in records]).to(device, torch.float32)
+        if task == "edit":
+            out["ref_features"] = torch.stack([r["ref"] for r in records]).to(device, dtype)
+        if lacking[1] > 0:
+            return out
+        # computed now whether or not this rank has a null row: ZeRO-3 gathers are collective
+        null_t2i = self._null_t2i_row(model) if task == "t2i" else None
+        rows = []
+        for r, drop in zip(records, null.tolist()):
+            if not drop:
+                rows.append(r)
+            elif task == "edit":  # the null edit prompt keeps the image: its own record
+                rows.append({k.replace("null.", "prefix.", 1): v for k, v in r.items() if k.startswith("null.")})
+            else:
+                rows.append(null_t2i)
+        out["prefix"] = state_from_rows(rows, "prefix", device, dtype)
+        return out
+
+    def _null_t2i_row(self, model) -> dict:
+        """T2I's null prompt is one constant: its prefix, computed once."""
+        if getattr(self, "_null_t2i", None) is None:
+            from unilip_ds.data.cache import prefix_rows
+            device = model.connector.projector.weight.device
+            self._null_t2i = prefix_rows(model.prefix(self.prompts()("t2i", [None]).to(device)), "prefix")[0]
+        return self._null_t2i
+
+    def after_load(self, modules: Mapping[str, nn.Module]) -> None:
+        """Every cache this run reads was built from the same weights and settings."""
+        from unilip_ds.config import ConfigError
+        from unilip_ds.data.cache import CacheError, fingerprint, mismatch, read_manifest
+        from unilip_ds.data.config import split_sources
+        model = modules[MAIN]
+        for i, src in enumerate(split_sources(self.cfg.data.train, "train")):
+            if not src.cache:
+                continue
+            key = f"data.train.sources[{i}].cache" if self.cfg.data.train.sources else "data.train.cache"
+            try:
+                theirs = read_manifest(src.cache, self.cfg.data)
+            except CacheError as exc:
+                raise ConfigError(f"config key '{key}': {exc}") from None
+            ours = fingerprint(model, self.prompts(), theirs.level, torch.float32, self.cfg.model.flavor)
+            ours["dtype"] = theirs.fingerprint.get("dtype")  # the stored precision is the cache's choice
+            why = mismatch(theirs.fingerprint, ours)
+            if why or theirs.task != src.task:
+                raise ConfigError(f"config key '{key}': the cache {src.cache} was built for other settings: "
+                                  f"{why or f'task {theirs.task}, the source is {src.task}'}")
 
     @torch.no_grad()
     def evaluate(self, engines: Mapping[str, nn.Module], batches) -> Dict[str, float]:
