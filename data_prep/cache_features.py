@@ -240,7 +240,7 @@ def run(args, cfg, level: str) -> int:
         t0 = time.time()
         info = build_shard(model, builder, args.task, url, dst_url, cfg.data, level, dtype, args.batch_size,
                            bar.update if bar is not None else (lambda n: None))
-        storage.write_bytes(part_url, json.dumps({**info, "source": url, "fingerprint": fp,
+        storage.write_bytes(part_url, json.dumps({**info, "source": url, "fingerprint": fp, "rank": rank,
                                                   "seconds": round(time.time() - t0, 2)}).encode(), cfg.data)
     if bar is not None:
         bar.close()

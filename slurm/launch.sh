@@ -20,6 +20,8 @@
 #   NPROC_PER_NODE   training processes per node; default: GPUs on the node, 1 without GPUs
 #   MASTER_PORT      rendezvous port (default: 20000 + a hash of job id and restart count)
 #   OMP_NUM_THREADS  default: CPUs on the node / processes per node
+#   UNILIP_ENTRY     the script torchrun starts (default launch/train.py; the cache template
+#                    sets data_prep/cache_features.py, which takes the same --config STAGE)
 set -euo pipefail
 
 die() { echo "slurm/launch.sh: error: $*" >&2; exit 2; }
@@ -80,7 +82,7 @@ if [[ "${UNILIP_SLURM_ROLE:-}" == node ]]; then
     exec "$PY" -m torch.distributed.run \
         --nnodes "$SLURM_JOB_NUM_NODES" --nproc_per_node "$nproc" --node_rank "$SLURM_NODEID" \
         --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --max_restarts 0 \
-        launch/train.py --config "$STAGE" "$@"
+        "${UNILIP_ENTRY:-launch/train.py}" --config "$STAGE" "$@"
 fi
 
 # ------------------------------------------------------------------ batch role (sbatch shell)

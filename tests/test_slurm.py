@@ -331,3 +331,20 @@ def test_gen_stage2_template_trains_checkpoints_and_exports(cluster, gen_assets,
     images = pipe(prompt=["a cat"], num_inference_steps=1, generator=torch.Generator().manual_seed(0),
                   output_type="pt").images
     assert images.shape == (1, 3, 224, 224) and torch.isfinite(images).all()
+
+
+def test_cache_template_builds_a_cache_with_two_ranks(cluster, gen_assets, sample_shards, tmp_path):
+    from unilip_ds.data.cache import MANIFEST, CacheManifest
+    dst, log = tmp_path / "cache", tmp_path / "job.out"
+    job = cluster.sbatch(SLURM / "cache_features.sh", [*CPU_OPTIONS, f"--output={log}"],
+                         ["gen_stage2", "--task", "t2i", "--src", sample_shards.dir, "--dst", str(dst),
+                          "--what", "latents", "--dtype", "fp32", "--no-progress", *gen_assets.overrides()], CPU_ENV)
+    info = cluster.wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 180, log)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", tail(log)
+    assert "node 0/1: 2 processes" in log.read_text()
+    manifest = CacheManifest.from_json((dst / MANIFEST).read_text())
+    assert manifest.level == "latents" and sum(s.samples for s in manifest.shards) == len(sample_shards.keys)
+    # both ranks built shards (each its own): rank r takes shards r, r + 2, ...
+    parts = [json.loads((dst / "_parts" / f"{s.name}.json").read_text()) for s in manifest.shards]
+    assert len(parts) == len(sample_shards.urls) and all(p["samples"] > 0 for p in parts)
+    assert [p["rank"] for p in parts] == [i % 2 for i in range(len(parts))]
