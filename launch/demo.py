@@ -7,7 +7,8 @@
      each stage exported and the next started from the export (EMA weights);
   3. reconstructions of held-out photos next to the originals;
   4. gen_stage1 -> gen_stage2 (T2I + edit) on the tiny flavors, the MLLM's vision path being
-     the recon_stage2 export, each stage exported as a UniLIPPipeline directory;
+     the recon_stage2 export, each stage exported as a UniLIPPipeline directory; gen_stage2
+     reads caches of the frozen outputs built from the stage-1 export (data_prep/cache_features.py);
   5. images generated from the held-out captions, and the held-out photos edited, written
      next to their inputs as one PNG grid; the edit is scored against copying the input.
 
@@ -57,6 +58,8 @@ def write_images(dst: Path, count: int) -> None:
         (dst / part / f"{name}.txt").write_text(s.caption + "\n")
 
 
+# per task: (cache set, level): latents for T2I, the prompt prefix too for edit
+CACHE = {"t2i": ("s3://demo/cache/t2i/", "latents"), "edit": ("s3://demo/cache/edit/", "prefix")}
 GEN_COMMON = ["train.micro_batch_size=4", "train.precision=fp32", "train.log_every=20", "optim.lr=3e-4",
               "optim.weight_decay=0.0", "checkpoint.every_steps=200", "wandb.mode=offline",
               "data.num_workers=1", "data.shuffle_buffer=64", "gen.sample_steps=10"]
@@ -101,13 +104,20 @@ def generator_demo(out: Path, args, env, log: Path, bin_dir: Path, recon_common,
           f"data.train.urls=[{t2i['train']}]", f"data.eval.urls=[{t2i['heldout']}]", "optim.warmup_steps=10"]),
         ("gen_stage2", args.gen2_steps,
          ["model.flavor=tiny", "data.resolution=224", "optim.warmup_steps=20",
-          "data.train.sources=[{name: t2i, task: t2i, weight: 0.5, urls: [%s]}, "
-          "{name: edit, task: edit, weight: 0.5, urls: [%s]}]" % (t2i["train"], edit["train"]),
+          "data.train.sources=[{name: t2i, task: t2i, weight: 0.5, urls: [%s], cache: %s}, "
+          "{name: edit, task: edit, weight: 0.5, urls: [%s], cache: %s}]"
+          % (t2i["train"], CACHE["t2i"][0], edit["train"], CACHE["edit"][0]),
           "data.eval.sources=[{name: t2i, task: t2i, urls: [%s]}, {name: edit, task: edit, urls: [%s]}]"
           % (t2i["heldout"], edit["heldout"]), f"train.sample_every={args.gen2_steps}"]))
     init: list = []
     for stage, steps, extra in stages:
         run_dir, export_dir = out / "runs" / stage, out / "exports" / stage
+        if stage == "gen_stage2":  # the frozen parts' outputs, computed once (issue 8)
+            for task, src in (("t2i", t2i["train"]), ("edit", edit["train"])):
+                dst, level = CACHE[task]
+                sh([sys.executable, "data_prep/cache_features.py", "--config", stage, "--task", task,
+                    "--src", src, "--dst", dst, "--what", level, "--dtype", "fp32", "--no-progress",
+                    "model.flavor=tiny", "data.resolution=224", *init], env, log)
         sh([bin_dir / "torchrun", "--nproc_per_node", args.nproc, "launch/train.py", "--config", stage,
             "--ds_config", "ds_configs/zero2.json", *GEN_COMMON, *extra, *init, f"run.output_dir={run_dir}",
             f"train.max_steps={steps}", f"train.eval_every={max(1, steps // 4)}"], env, log)
@@ -223,6 +233,12 @@ def main() -> int:
             print(f"{stage}: held-out flow loss {evals[0]['eval/flow']:.4f} at step {evals[0]['step']} -> "
                   f"{evals[-1]['eval/flow']:.4f} at step {evals[-1]['step']}")
         print(f"  export (UniLIPPipeline.from_pretrained): {out / 'exports' / stage}")
+    rows = [json.loads(x) for x in (out / "runs" / "gen_stage2" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "data/cached_latents" in r]
+    if rows:
+        print(f"gen_stage2 read its frozen outputs from caches ({', '.join(c for c, _ in CACHE.values())}): "
+              f"latents in {100 * sum(r['data/cached_latents'] for r in rows) / len(rows):.0f}% of the logged "
+              f"steps, prefix in {100 * sum(r['data/cached_prefix'] for r in rows) / len(rows):.0f}%")
     print(f"edit, held-out photos: PSNR(edited, target) {gen['psnr_edit']:.2f} dB vs "
           f"PSNR(input, target) {gen['psnr_copy']:.2f} dB (copying the input)")
     print(f"generated | edited grid (rows: caption -> image; input | target | edited): {gen['grid']}")
