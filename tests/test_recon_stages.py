@@ -26,6 +26,7 @@ from tests.launch_util import check, run, tiny_recon_args
 from unilip_ds.engine import checkpoint
 from unilip_ds.engine.export import consolidated, export, raw_weights
 from unilip_ds.engine.weights import full_state_dict, read_weights_dir, save_component
+from unilip_ds.models.tiny_assets import bf16_exact
 
 IMAGE_TOKEN = "<IMG_CONTEXT>"
 GAN_KEYS = ("loss/gan_g", "loss/disc", "loss/lecam", "grad_norm/disc")
@@ -39,16 +40,6 @@ PERCEPTUAL_PREFIX = {"vgg_path": "perceptual.lpips.vgg.", "lpips_path": "percept
 # ---------------------------------------------------------------------------------------
 # assets: files in the real layouts
 # ---------------------------------------------------------------------------------------
-def bf16_exact(module):
-    """Round weights to bf16-representable values (as the published bf16 checkpoints are):
-    a bf16 run holds frozen weights in bf16, so only such values survive it bit for bit."""
-    with torch.no_grad():
-        for t in module.state_dict().values():
-            if t.is_floating_point():
-                t.copy_(t.bfloat16().float())
-    return module
-
-
 def save_tiny_internvl(out: Path, seed: int = 0) -> Path:
     """A random tiny InternVLForConditionalGeneration in the -hf layout, with a word-level
     tokenizer that has InternVL's image / chat special tokens (real -hf repos ship one)."""

@@ -81,10 +81,9 @@ def grid(rows: List[List[Image.Image]]) -> Image.Image:
 def sample_grids(model, builder, cfg, eval_batches=None) -> Dict[str, Image.Image]:
     """The training-time grids: the fixed prompts (seed i for prompt i), and held-out edit
     pairs as rows [input | edited | target]. Same forwards on every rank (ZeRO-3)."""
+    from unilip_ds.tasks.base import eval_mode
     g = cfg.gen
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+    with eval_mode(model):
         out = {}
         if g.sample_prompts:
             gens = [torch.Generator().manual_seed(i) for i in range(len(g.sample_prompts))]
@@ -100,7 +99,4 @@ def sample_grids(model, builder, cfg, eval_batches=None) -> Dict[str, Image.Imag
                             flow_shift=g.flow_shift_sample, generator=gens)
             cols = [to_pil(b["input_image"][:k].float()), to_pil(edited), to_pil(b["image"][:k].float())]
             out["edit"] = grid([list(r) for r in zip(*cols)])
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
     return out

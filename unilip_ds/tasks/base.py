@@ -14,6 +14,7 @@ module's forward. Modules are plain single-device PyTorch code.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Tuple
@@ -39,6 +40,18 @@ def no_decay(name: str, param: nn.Parameter) -> bool:
     lname = name.lower()
     return param.ndim < 2 or "norm" in lname or "embed" in lname or lname.endswith("bias") \
         or "position" in lname or "query_tokens" in lname or ".ln" in lname
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module):
+    """`module` in eval mode for the block; every submodule's own mode restored after."""
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
 
 
 def split_decay(module: nn.Module, prefix: str, weight_decay: float, lr_scale: float = 1.0,

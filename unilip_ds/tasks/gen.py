@@ -18,7 +18,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from unilip_ds.tasks.base import MAIN, ParamGroup, Task, register, split_decay
+from unilip_ds.tasks.base import MAIN, ParamGroup, Task, eval_mode, register, split_decay
 
 # export / pipeline component -> GenModel attribute
 COMPONENTS = ("mllm", "connector", "transformer", "adapter", "decoder", "dcae")
@@ -250,11 +250,9 @@ class GenTask(Task):
     def evaluate(self, engines: Mapping[str, nn.Module], batches) -> Dict[str, float]:
         """Held-out flow loss at fixed sigmas and noise (comparable across steps)."""
         model = getattr(engines[MAIN], "module", engines[MAIN])
-        modes = {m: m.training for m in model.modules()}
-        model.eval()
         gen = torch.Generator().manual_seed(0)
         totals: Dict[str, list] = {}
-        try:
+        with eval_mode(model):
             for batch in batches:
                 prompts, ref = self._inputs(batch, None)
                 b = len(batch["__key__"])
@@ -264,9 +262,6 @@ class GenTask(Task):
                 out = model(prompts, target=x0, ref_image=ref, u=u.float(), noise=noise,
                             shift=self.cfg.gen.flow_shift_train)
                 totals.setdefault(batch["__task__"], []).append(out["loss"].float().cpu())
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
         metrics = {f"eval/flow_{t}": torch.cat(v).mean().item() for t, v in totals.items()}
         if totals:
             metrics["eval/flow"] = torch.cat([torch.cat(v) for v in totals.values()]).mean().item()

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unilip_ds.tasks.base import MAIN, ParamGroup, Task, register, split_decay
+from unilip_ds.tasks.base import MAIN, ParamGroup, Task, eval_mode, register, split_decay
 
 DISC = "disc"
 
@@ -331,9 +331,7 @@ class ReconTask(Task):
         from unilip_ds.evaluation.recon import ReconMetrics
         from unilip_ds.models.unilip import reconstruct_any
         model = getattr(engines[MAIN], "module", engines[MAIN])
-        modes = {mod: mod.training for mod in model.modules()}
-        model.eval()
-        try:
+        with eval_mode(model):
             metrics = None
             dtype = model.unilip.adapter.down_mlp[1].weight.dtype
             for batch in batches:
@@ -341,9 +339,6 @@ class ReconTask(Task):
                 if metrics is None:
                     metrics = ReconMetrics(self._inception(images.device), images.device)
                 metrics.update(images.float(), reconstruct_any(model.unilip, images.to(dtype)).float())
-        finally:
-            for mod, mode in modes.items():
-                mod.training = mode
         if metrics is None:
             return {}
         res = metrics.result()
