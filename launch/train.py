@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from unilip_ds.config import ConfigError, load_config, to_yaml  # noqa: E402
+from unilip_ds.config import ConfigError, check_repeated, load_config, to_yaml  # noqa: E402
 
 
 def parse(argv=None):
@@ -44,6 +44,7 @@ def main(argv=None) -> int:
     world = args.world_size if args.dry_run and args.world_size else int(os.environ.get("WORLD_SIZE", "1"))
     try:
         # everything that can fail on user input fails here, before any process group or model
+        check_repeated(overrides)
         cfg = load_config(args.config, overrides, world_size=world)
         if args.print_config:
             print(to_yaml(cfg), end="")

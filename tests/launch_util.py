@@ -28,13 +28,19 @@ def env(extra: Optional[dict] = None) -> dict:
 def tiny_recon_args(out: Path, shards: str, steps: int = 4, ds: str = "ds_configs/zero2.json",
                     extra: Optional[List[str]] = None) -> List[str]:
     """recon_stage1 on the tiny flavor, small enough for a CPU step."""
-    return ["--config", "recon_stage1", "--ds_config", ds,
+    return with_overrides(["--config", "recon_stage1", "--ds_config", ds,
             "model.flavor=tiny", "model.perceptual_pretrained=false",
             f"run.output_dir={out}", f"data.train.urls=[{shards}]", "data.num_workers=1",
             "data.shuffle_buffer=8", "data.resolution=224",
             f"train.max_steps={steps}", "train.micro_batch_size=2", "train.log_every=1",
-            "optim.warmup_steps=2", "checkpoint.every_steps=2", "wandb.mode=offline",
-            *(extra or [])]
+            "optim.warmup_steps=2", "checkpoint.every_steps=2", "wandb.mode=offline"], extra or [])
+
+
+def with_overrides(args: List[str], extra: List[str]) -> List[str]:
+    """`args` with `extra` key=value overrides replacing those of the same key (a key given
+    twice on the command line is an error)."""
+    keys = {e.split("=", 1)[0] for e in extra if "=" in e}
+    return [a for a in args if a.split("=", 1)[0] not in keys] + list(extra)
 
 
 def run(script: str, args: List[str], nproc: int = 1, launcher: str = "python",
@@ -82,4 +88,4 @@ def tiny_gen_args(out: Path, stage: str, assets, t2i: str, edit: Optional[str] =
         args += ["model.flavor=tiny", "data.resolution=224", f"model.init_from={init_from}",
                  "data.train.sources=[{name: t2i, task: t2i, weight: 0.5, urls: [%s]}, "
                  "{name: edit, task: edit, weight: 0.5, urls: [%s]}]" % (t2i, edit)]
-    return args + list(extra or [])
+    return with_overrides(args, list(extra or []))

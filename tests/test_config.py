@@ -117,3 +117,34 @@ def test_urls_and_sources_on_the_command_line_replace_the_presets_other():
     cfg = load_config("gen_stage2", ["data.train.urls=[/data/a]", "data.train.sources=[{name: x, task: t2i, "
                                      "urls: [/data/b]}]"], world_size=1)
     assert cfg.data.train.urls == [] and [s.urls for s in cfg.data.train.sources] == [["/data/b"]]
+
+
+def test_override_forms_a_new_user_types():
+    # webdataset's convention: one brace pattern as a plain string is a list of one
+    cfg = load_config(None, ["data.train.urls=/d/shard-{000000..000127}.tar"])
+    assert cfg.data.train.urls == ["/d/shard-{000000..000127}.tar"]
+    with pytest.raises(ConfigError, match=r"config key 'optim.betas': takes a list.*\[") as e:
+        load_config(None, ["optim.betas=0.9"])
+    assert "AnyNode" not in str(e.value)
+    # YAML reads `off` as a boolean; a string key sees the text typed
+    with pytest.raises(ConfigError, match="offline, online or disabled, got 'off'"):
+        load_config(None, ["wandb.mode=off"])
+    assert load_config(None, ["run.name=no"]).run.name == "no"
+    # an unknown key is named as typed, whole
+    with pytest.raises(ConfigError, match=r"config key 'model.foo.bar': unknown key"):
+        load_config(None, ["model.foo.bar=1"])
+
+
+def test_warmup_not_shorter_than_the_run_is_a_warning():
+    from unilip_ds.config import config_warnings
+    assert config_warnings(load_config(None, ["train.max_steps=300"])) == [
+        "optim.warmup_steps=10000 >= train.max_steps=300: the learning rate never leaves its warmup; "
+        "lower optim.warmup_steps"]
+    assert config_warnings(load_config(None, ["train.max_steps=300", "optim.warmup_steps=30"])) == []
+
+
+def test_a_key_given_twice_on_the_command_line_is_an_error(tmp_path):
+    # what the shell makes of an unquoted data.train.urls=/d/shard-{0..2}.tar
+    line = _cli_error(["--config", "recon_stage1", "--print-config", *(
+        f"data.train.urls=/d/shard-{i}.tar" for i in range(3))], tmp_path)
+    assert "config key 'data.train.urls': given 3 times" in line and "quote" in line

@@ -8,13 +8,14 @@ model exists; errors are `ConfigError` with one line naming the key.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
 import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import ListConfig, OmegaConf, StringNode
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from unilip_ds.data.config import DataConfig
 from unilip_ds.models.config import ModelConfig
@@ -33,6 +34,9 @@ class RunConfig:
     output_dir: str = "runs/unilip"
     task: str = "recon"  # which task object turns batches into losses
     seed: int = 0
+    # start a new run in an output_dir that holds one: the old run is moved aside to
+    # <output_dir>.old-<time>/ (never deleted); without it such a start is refused
+    overwrite: bool = False
 
 
 @dataclass
@@ -53,6 +57,16 @@ class TrainConfig:
     # generator: sample grids for fixed prompts (gen.sample_prompts) every this many steps
     # (0 = never), PNGs under <run.output_dir>/samples/ and in W&B
     sample_every: int = 0
+    # a non-finite loss or gradient norm skips the optimizer step on every rank; after
+    # max_nonfinite_in_a_row such steps in a row: keep skipping (skip), reload the last
+    # checkpoint with the LR scaled by rollback_lr_scale and continue on new data
+    # (rollback), or stop with an error (stop)
+    on_nonfinite: str = "rollback"  # skip | rollback | stop
+    max_nonfinite_in_a_row: int = 5
+    rollback_lr_scale: float = 0.5
+    # FAULT INJECTION, for the tests of the above: the n-th micro-batch (1-based, counted
+    # per process since it started) of the last rank is filled with NaN
+    test_nan_batches: List[int] = field(default_factory=list)
 
 
 @dataclass
@@ -88,6 +102,13 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class DistConfig:
+    # a collective that does not complete in this time (a stalled or dead rank) is an
+    # error naming the step, and the job exits non-zero instead of hanging
+    timeout_s: int = 1800
+
+
+@dataclass
 class WandbConfig:
     mode: str = "offline"  # offline | online | disabled
     project: str = "unilip_ds"
@@ -105,6 +126,7 @@ class Config:
     ema: EMAConfig = field(default_factory=EMAConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     recon: ReconConfig = field(default_factory=ReconConfig)
     gen: GenConfig = field(default_factory=GenConfig)
@@ -151,27 +173,92 @@ def load_config(preset: Optional[str] = None, overrides: Optional[List[str]] = N
         if preset:
             schema = OmegaConf.merge(schema, _load_preset(preset))
         for item in overrides or []:
-            if "=" not in item:
-                raise ConfigError(f"override '{item}': expected key=value")
-            try:
-                schema = OmegaConf.merge(schema, OmegaConf.from_dotlist([item]))
-                key = item.split("=", 1)[0].strip()
-                for split in ("train", "eval"):
-                    # a split has urls or sources: the one the command line names replaces
-                    # whichever the preset set (e.g. a preset's weighted mixture)
-                    other = {f"data.{split}.urls": "sources", f"data.{split}.sources": "urls"}.get(key)
-                    if other:
-                        OmegaConf.update(schema, f"data.{split}.{other}", [], merge=False)
-            except yaml.YAMLError as exc:
-                hint = " (quote brace patterns: 'key=[\"shard-{0..9}.tar\"]')" if "{" in item else ""
-                raise ConfigError(f"override '{item}': not a valid value: "
-                                  f"{str(exc).splitlines()[0]}{hint}") from None
+            schema = _apply_override(schema, item)
         OmegaConf.resolve(schema)
         cfg: Config = OmegaConf.to_object(schema)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         raise _error(exc) from None
     validate(cfg, world_size)
     return cfg
+
+
+def check_repeated(overrides: List[str]) -> None:
+    """Command-line overrides name each key once: a key given twice would silently keep the
+    last value, and the usual cause is an unquoted brace pattern the shell expanded into one
+    `key=...` argument per shard. (Programs composing overrides may layer them.)"""
+    counts: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key=value")
+        key = item.split("=", 1)[0].strip()
+        counts[key] = counts.get(key, 0) + 1
+    for key, n in counts.items():
+        if n > 1:
+            raise ConfigError(f"config key '{key}': given {n} times on the command line (an unquoted "
+                              "brace pattern {a..b} is expanded by the shell into one argument per "
+                              f"value; quote the argument: '{key}=/data/shard-{{000..009}}.tar')")
+
+
+def _schema_node(schema: Any, key: str) -> Any:
+    """The typed node `key` of the schema, or None when no such key exists (yet)."""
+    parent, _, last = key.rpartition(".")
+    try:
+        container = OmegaConf.select(schema, parent) if parent else schema
+        return container._get_node(last) if OmegaConf.is_dict(container) else None
+    except (OmegaConfBaseException, AttributeError, KeyError):
+        return None
+
+
+def _apply_override(schema: Any, item: str) -> Any:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}': expected key=value")
+    key, raw = (part.strip() for part in item.split("=", 1))
+    try:
+        parsed = OmegaConf.from_dotlist([item])
+    except yaml.YAMLError as exc:
+        hint = " (quote brace patterns: 'key=[\"shard-{0..9}.tar\"]')" if "{" in item else ""
+        raise ConfigError(f"override '{item}': not a valid value: "
+                          f"{str(exc).splitlines()[0]}{hint}") from None
+    value = OmegaConf.select(parsed, key)
+    node = _schema_node(schema, key)
+    if isinstance(node, StringNode) and isinstance(value, bool):
+        # YAML reads off / no / on / yes as booleans; a string key gets the text typed
+        OmegaConf.update(parsed, key, raw, merge=False)
+    elif isinstance(node, ListConfig) and value is not None and not OmegaConf.is_list(value):
+        if key.endswith(".urls"):  # webdataset's convention: one pattern (or path) as a string
+            OmegaConf.update(parsed, key, [value], merge=False)
+        else:
+            raise ConfigError(f"config key '{key}': takes a list, got {raw!r}; write it in brackets, "
+                              f"e.g. {key}=[a,b]")
+    try:
+        schema = OmegaConf.merge(schema, parsed)
+    except OmegaConfBaseException as exc:
+        msg = str(exc).splitlines()[0]
+        if isinstance(exc, ConfigKeyError) and key.startswith(str(getattr(exc, "full_key", "") or "")):
+            msg = f"unknown key ({msg})"
+        raise ConfigError(f"config key '{key}': {msg}") from None
+    for split in ("train", "eval"):
+        # a split has urls or sources: the one the command line names replaces
+        # whichever the preset set (e.g. a preset's weighted mixture)
+        other = {f"data.{split}.urls": "sources", f"data.{split}.sources": "urls"}.get(key)
+        if other:
+            OmegaConf.update(schema, f"data.{split}.{other}", [], merge=False)
+    return schema
+
+
+def config_warnings(cfg: Config) -> List[str]:
+    """Settings that are valid but probably not what the user meant."""
+    out = []
+    if cfg.optim.warmup_steps >= cfg.train.max_steps:
+        out.append(f"optim.warmup_steps={cfg.optim.warmup_steps} >= train.max_steps={cfg.train.max_steps}: "
+                   "the learning rate never leaves its warmup; lower optim.warmup_steps")
+    return out
+
+
+def warn(msg: str) -> None:
+    """One warning line on stderr from rank 0 (checks run before logging is set up)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"warning: {msg}", file=sys.stderr)
 
 
 def env_world_size() -> int:
@@ -200,6 +287,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _require(t.precision in ("bf16", "fp32"), "train.precision", f"bf16 or fp32, got '{t.precision}'")
     _require(not t.eval_every or bool(cfg.data.eval.urls or cfg.data.eval.sources), "train.eval_every",
              "set, but data.eval.urls names no held-out shards")
+    _require(t.on_nonfinite in ("skip", "rollback", "stop"), "train.on_nonfinite",
+             f"skip, rollback or stop, got '{t.on_nonfinite}'")
+    _require(t.max_nonfinite_in_a_row >= 1, "train.max_nonfinite_in_a_row", "must be >= 1")
+    _require(0 < t.rollback_lr_scale <= 1, "train.rollback_lr_scale", "must be in (0, 1]")
+    _require(cfg.dist.timeout_s >= 1, "dist.timeout_s", "must be >= 1")
     _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _require(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be in [0, optim.lr], got {o.min_lr}")
     _require(len(o.betas) == 2, "optim.betas", "two values expected")
