@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional
 import torch
 from omegaconf import OmegaConf
 
-from unilip_ds.config import Config, ConfigError, to_dict, to_yaml
+from unilip_ds.config import Config, ConfigError, config_warnings, to_dict, to_yaml, warn
 from unilip_ds.engine import checkpoint, dist
 from unilip_ds.engine.ds_config import check_ds_config
 from unilip_ds.engine.ema import EMA
@@ -59,14 +59,23 @@ def check_output_dir(cfg: Config) -> None:
 
 def prepare(cfg: Config, ds_config_path: str) -> Dict[str, Any]:
     """Everything that can fail on user input, before any process group or model."""
-    ds_raw = check_ds_config(cfg, ds_config_path, dist.world_size())
+    world = dist.world_size()
+    ds_raw = check_ds_config(cfg, ds_config_path, world)
     check_output_dir(cfg)
+    for msg in config_warnings(cfg):
+        warn(msg)
     build_task(cfg).check_inputs()
     from unilip_ds.data.config import split_sources
     from unilip_ds.data.shards import list_shards
+    readers = world * max(1, cfg.data.num_workers)  # every rank's workers split the shards
     for which in ("train",) + (("eval",) if cfg.data.eval.urls or cfg.data.eval.sources else ()):
         for source in split_sources(getattr(cfg.data, which), which):
-            list_shards(source.urls, cfg.data)  # a missing path or no shards: one line, now
+            shards = list_shards(source.urls, cfg.data)  # a missing path or no shards: one line, now
+            if which == "train" and len(shards) * source.repeats < readers:
+                raise ConfigError(
+                    f"config key 'data.num_workers': source '{source.name}' has {len(shards)} shard(s) x "
+                    f"{source.repeats} repeat(s) for {readers} readers (world size {world} x "
+                    f"data.num_workers {cfg.data.num_workers}); write more, smaller shards or use fewer workers")
     return ds_raw
 
 
@@ -117,7 +126,7 @@ class Trainer:
                                          checkpoint.rank_state(self.out, tag, 0)["ema"])
             log.info(f"resumed from {self.out / 'checkpoints' / tag} at step {self.step}")
         self.task.after_load(self.modules)
-        self.tracker = Tracker(cfg, self.rank, run_id)
+        self.tracker = Tracker(cfg, self.rank, run_id, start_step=self.step)
         self._signal: Optional[str] = None
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
@@ -234,7 +243,8 @@ class Trainer:
         """Sample grids (every rank runs the forwards; rank 0 writes PNGs and logs them)."""
         t0 = time.perf_counter()
         held_out = self._held_out() if self.eval_batches is not None else None
-        with torch.no_grad():
+        ctx = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+        with ctx, torch.no_grad():  # the weights evaluate() scores
             grids = self.task.samples(self.engines, self.step, held_out)
         if self.rank == 0 and grids:
             paths = self.tracker.log_images(self.step, grids)

@@ -83,6 +83,13 @@ class GenTask(Task):
         from unilip_ds.config import ConfigError
         from unilip_ds.models import gen_loading as L
         from unilip_ds.models.prompts import PromptError
+        m = self.cfg.model
+        if self.cfg.gen.train_dit and not m.init_from:  # stage 2 and later start from a stage's export
+            msg = "a stage that trains the DiT starts from a gen export (model.init_from=<export>)"
+            if m.flavor != "tiny":
+                raise ConfigError(f"config key 'model.init_from': {msg}")
+            from unilip_ds.config import warn
+            warn(f"model.init_from is not set: {msg}; this tiny run starts from random weights")
         L.check_paths(self.cfg)
         self._check_edit_sources()
         if self.cfg.model.init_from or self.cfg.model.internvl_path:

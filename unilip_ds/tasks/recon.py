@@ -25,6 +25,11 @@ from torch import nn
 from unilip_ds.tasks.base import MAIN, ParamGroup, Task, eval_mode, register, split_decay
 
 DISC = "disc"
+SAMPLE_IMAGES = 8  # per grid row (train.sample_every)
+# model.perceptual_pretrained: the published files of the frozen perceptual nets
+PERCEPTUAL_FILES = {"vgg_path": "torchvision's VGG16 weights (vgg16-397923af.pth)",
+                    "lpips_path": "the LPIPS head (lpips weights/v0.1/vgg.pth)",
+                    "convnext_path": "torchvision's ConvNeXt-S weights (convnext_small-0c510722.pth)"}
 
 
 class ReconModel(nn.Module):
@@ -155,6 +160,15 @@ def check_teacher_path(cfg) -> str:
     return str(path)
 
 
+def check_start_weights(cfg) -> None:
+    """A real-size model starts from pretrained weights or an export, never random."""
+    from unilip_ds.config import ConfigError
+    m = cfg.model
+    if m.flavor != "tiny" and not m.init_from and not (m.internvl_path and m.dcae_path):
+        raise ConfigError(f"config key 'model.internvl_path': flavor {m.flavor} needs model.internvl_path "
+                          "and model.dcae_path (or model.init_from); random real-size models are not trained")
+
+
 def load_teacher(teacher: nn.Module, path: str) -> None:
     """The original encoder + projector into `teacher` (a VisionPath), from an InternVL
     checkpoint or the `vision/` component of a recon export."""
@@ -188,18 +202,34 @@ class ReconTask(Task):
         import unilip_ds.models.unilip  # noqa: F401
 
     def check_inputs(self) -> None:
-        from unilip_ds.config import ConfigError
+        from unilip_ds.config import ConfigError, warn
         m = self.cfg.model
         if m.perceptual_pretrained:
-            for key in ("vgg_path", "lpips_path", "convnext_path"):
+            for key, what in PERCEPTUAL_FILES.items():
                 path = getattr(m, key)
-                if not path or not Path(path).is_file():
-                    raise ConfigError(f"config key 'model.{key}': model.perceptual_pretrained is set but "
-                                      f"the file {path!r} does not exist")
+                if not path:
+                    raise ConfigError(f"config key 'model.{key}': model.perceptual_pretrained=true needs {what}: "
+                                      f"set model.{key}=<file>, or model.perceptual_pretrained=false to train "
+                                      "with random perceptual nets (tests only)")
+                if not Path(path).is_file():
+                    raise ConfigError(f"config key 'model.{key}': no such file {path} ({what})")
         for key in ("internvl_path", "dcae_path"):
             path = getattr(m, key)
             if path and not Path(path).exists():
                 raise ConfigError(f"config key 'model.{key}': no such path {path}")
+        if m.init_from and not Path(m.init_from).exists():
+            raise ConfigError(f"config key 'model.init_from': no such path {m.init_from}")
+        if m.init_from:
+            missing = [c for c in ("vision", "adapter", "decoder") if not (Path(m.init_from) / c).is_dir()]
+            if missing:
+                raise ConfigError(f"config key 'model.init_from': {m.init_from} is not a recon export "
+                                  f"(no {', '.join(c + '/' for c in missing)}; launch/export.py writes one)")
+        elif self.cfg.recon.train_encoder:  # stage 2 and later start from a stage's export
+            msg = "a stage that trains the encoder starts from a recon export (model.init_from=<export>)"
+            if m.flavor != "tiny":
+                raise ConfigError(f"config key 'model.init_from': {msg}")
+            warn(f"model.init_from is not set: {msg}; this tiny run starts from random weights")
+        check_start_weights(self.cfg)
         if self.with_teacher:
             check_teacher_path(self.cfg)
         ip = self.cfg.recon.inception_path
@@ -231,12 +261,9 @@ class ReconTask(Task):
         return modules
 
     def load_pretrained(self, modules: Mapping[str, nn.Module]) -> None:
-        from unilip_ds.config import ConfigError
         from unilip_ds.models.unilip import load_internvl_vision
+        check_start_weights(self.cfg)
         m, model = self.cfg.model, modules[MAIN]
-        if m.flavor != "tiny" and not m.init_from and not (m.internvl_path and m.dcae_path):
-            raise ConfigError(f"config key 'model.internvl_path': flavor {m.flavor} needs model.internvl_path "
-                              "and model.dcae_path (or model.init_from); random real-size models are not trained")
         if m.internvl_path:
             load_internvl_vision(model.unilip.vision, m.internvl_path)
         if m.dcae_path:
@@ -332,17 +359,43 @@ class ReconTask(Task):
         from unilip_ds.models.unilip import reconstruct_any
         model = getattr(engines[MAIN], "module", engines[MAIN])
         with eval_mode(model):
-            metrics = None
+            metrics, per_source = None, {}
             dtype = model.unilip.adapter.down_mlp[1].weight.dtype
             for batch in batches:
                 images = batch["image"]
                 if metrics is None:
                     metrics = ReconMetrics(self._inception(images.device), images.device)
-                metrics.update(images.float(), reconstruct_any(model.unilip, images.to(dtype)).float())
+                recon = reconstruct_any(model.unilip, images.to(dtype)).float()
+                metrics.update(images.float(), recon)
+                source = batch.get("__source__", ["eval"])[0]
+                per_source.setdefault(source, ReconMetrics(None, images.device)).update(images.float(), recon)
         if metrics is None:
             return {}
-        res = metrics.result()
-        return {f"eval/{k}": v for k, v in res.items()}
+        res = {f"eval/{k}": v for k, v in metrics.result().items()}
+        if len(per_source) > 1:  # several eval sources (e.g. a training-set view): each one's too
+            for source, m in per_source.items():
+                res.update({f"eval/{source}/{k}": v for k, v in m.result().items()})
+        return res
+
+    @torch.no_grad()
+    def samples(self, engines: Mapping[str, nn.Module], step: int, eval_batches) -> Dict[str, object]:
+        """Originals (top row) over their reconstructions (bottom row) from the first eval
+        batch of each eval source: "recon", or "recon_<source>" with several sources."""
+        from unilip_ds.inference.sampling import grid, to_pil
+        from unilip_ds.models.unilip import reconstruct_any
+        model = getattr(engines[MAIN], "module", engines[MAIN])
+        firsts: Dict[str, dict] = {}
+        for batch in eval_batches or []:
+            firsts.setdefault(batch.get("__source__", ["eval"])[0], batch)
+        out = {}
+        with eval_mode(model):
+            dtype = model.unilip.adapter.down_mlp[1].weight.dtype
+            for source, batch in firsts.items():
+                images = batch["image"][:SAMPLE_IMAGES]
+                recon = reconstruct_any(model.unilip, images.to(dtype)).float()
+                name = f"recon_{source}" if len(firsts) > 1 else "recon"
+                out[name] = grid([to_pil(images.float()), to_pil(recon)])
+        return out
 
     def _inception(self, device):
         path = self.cfg.recon.inception_path

@@ -1,0 +1,56 @@
+"""What a new user trips over: every user error a run can detect is reported by prepare()
+(before any process group or model) in one line naming the key, and leaves nothing behind."""
+
+import pytest
+
+from unilip_ds.config import ConfigError, load_config
+from unilip_ds.trainer import prepare
+
+ZERO2 = "ds_configs/zero2.json"
+
+
+def _prepare(preset, overrides, world=1, monkeypatch=None):
+    if monkeypatch is not None:
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+    return prepare(load_config(preset, overrides, world_size=world), ZERO2)
+
+
+@pytest.mark.parametrize("preset, overrides, expect", [
+    # a real flavor without its weights (used to fail after DeepSpeed built the model)
+    ("recon_stage1", ["model.perceptual_pretrained=false"], "config key 'model.internvl_path'"),
+    ("recon_stage1", ["model.flavor=tiny", "model.perceptual_pretrained=false", "model.init_from=/nope/export"],
+     "config key 'model.init_from': no such path /nope/export"),
+    ("recon_stage1", ["model.flavor=tiny"], "set model.vgg_path=<file>, or model.perceptual_pretrained=false"),
+    # a stage after the first on a real flavor starts from the previous stage's export
+    ("recon_stage2", ["model.perceptual_pretrained=false", "model.internvl_path=TMP", "model.dcae_path=TMP"],
+     "config key 'model.init_from': a stage that trains the encoder"),
+    ("gen_stage2", [], "config key 'model.init_from': a stage that trains the DiT"),
+])
+def test_start_errors_name_the_key(preset, overrides, expect, sample_shards, tmp_path):
+    over = [f"run.output_dir={tmp_path / 'run'}", f"data.train.urls=[{sample_shards.dir}]",
+            *(o.replace("TMP", str(tmp_path)) for o in overrides)]
+    with pytest.raises(ConfigError) as e:
+        _prepare(preset, over)
+    assert expect in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_more_readers_than_shards(sample_shards, tmp_path, monkeypatch):
+    over = ["model.flavor=tiny", "model.perceptual_pretrained=false", f"run.output_dir={tmp_path / 'run'}",
+            f"data.train.urls=[{sample_shards.dir}]", "train.max_steps=20", "optim.warmup_steps=2"]
+    _prepare("recon_stage1", over + ["data.num_workers=5"], world=2, monkeypatch=monkeypatch)  # 10 shards
+    with pytest.raises(ConfigError, match=r"config key 'data.num_workers': source 'train' has 10 shard\(s\) "
+                                          r"x 1 repeat\(s\) for 12 readers \(world size 2 x data.num_workers 6\)"):
+        _prepare("recon_stage1", over + ["data.num_workers=6"], world=2, monkeypatch=monkeypatch)
+
+
+def test_warnings_tiny_later_stage_and_long_warmup(sample_shards, tmp_path, capsys):
+    _prepare("recon_stage2", ["model.flavor=tiny", "model.perceptual_pretrained=false",
+                              f"recon.teacher_path={tmp_path}", f"run.output_dir={tmp_path / 'run'}",
+                              f"data.train.urls=[{sample_shards.dir}]", "train.max_steps=300"])
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["warning: optim.warmup_steps=10000 >= train.max_steps=300: the learning rate never "
+                   "leaves its warmup; lower optim.warmup_steps",
+                   "warning: model.init_from is not set: a stage that trains the encoder starts from a "
+                   "recon export (model.init_from=<export>); this tiny run starts from random weights"]
+
