@@ -57,6 +57,10 @@ class TrainConfig:
     # generator: sample grids for fixed prompts (gen.sample_prompts) every this many steps
     # (0 = never), PNGs under <run.output_dir>/samples/ and in W&B
     sample_every: int = 0
+    # torch's intra-op threads per process; 0 = the cores of this process's share of the node
+    # (cores / local ranks) minus one per data worker, at least 1 (launchers differ: torchrun
+    # sets OMP_NUM_THREADS=1, plain python would let torch take every core)
+    torch_threads: int = 0
     # a non-finite loss or gradient norm skips the optimizer step on every rank; after
     # max_nonfinite_in_a_row such steps in a row: keep skipping (skip), reload the last
     # checkpoint with the LR scaled by rollback_lr_scale and continue on new data
@@ -292,6 +296,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _require(t.max_nonfinite_in_a_row >= 1, "train.max_nonfinite_in_a_row", "must be >= 1")
     _require(0 < t.rollback_lr_scale <= 1, "train.rollback_lr_scale", "must be in (0, 1]")
     _require(cfg.dist.timeout_s >= 1, "dist.timeout_s", "must be >= 1")
+    _require(t.torch_threads >= 0, "train.torch_threads", f"must be >= 0 (0 = automatic), got {t.torch_threads}")
     _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _require(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be in [0, optim.lr], got {o.min_lr}")
     _require(len(o.betas) == 2, "optim.betas", "two values expected")

@@ -86,6 +86,7 @@ class Trainer:
         self.rank, self.world = dist.rank(), dist.world_size()
         self.device = dist.device()
         setup_logging(self.rank)
+        log.info(f"torch threads per process: {dist.set_torch_threads(cfg.train.torch_threads, cfg.data.num_workers)}")
         self.out = Path(cfg.run.output_dir)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)

@@ -79,3 +79,16 @@ def all_reduce(values: list[float]) -> list[float]:
     tdist.all_reduce(t)
     return t.tolist()
 
+
+def set_torch_threads(requested: int, data_workers: int) -> int:
+    """Set torch's intra-op thread count the same way under every launcher: `requested` if
+    > 0, else the cores available to this process's share of the node (cores / local ranks)
+    minus one per data worker (each decodes on a core), at least 1. Returns the count."""
+    if requested > 0:
+        n = requested
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+        n = max(1, cores // local - data_workers)
+    torch.set_num_threads(n)
+    return n

@@ -149,24 +149,38 @@ def build_gen_model(cfg, latent_scale: float):
                     train_dit=cfg.gen.train_dit, grad_checkpointing=cfg.model.grad_checkpointing)
 
 
-def mllm_state_dict(path: Path) -> dict:
-    """An InternVL `-hf` checkpoint's tensors under InternVLForConditionalGeneration's keys."""
-    sd = read_weights_dir(path)
-    out = {}
-    for k, v in sd.items():
-        for pat, rep in _LEGACY_KEYS:
-            k = re.sub(pat, rep, k)
-        out[k] = v
-    return out
+def _current_key(k: str) -> str:
+    for pat, rep in _LEGACY_KEYS:
+        k = re.sub(pat, rep, k)
+    return k
 
 
-def load_mllm(mllm, path: Path) -> None:
-    sd = mllm_state_dict(path)
+_VISION = ("model.vision_tower.", "model.multi_modal_projector.")
+
+
+def mllm_state_dict(path: Path, with_vision: bool = True) -> dict:
+    """An InternVL `-hf` checkpoint's tensors under InternVLForConditionalGeneration's keys;
+    without the vision path's, which are then never read."""
+    def keep(k: str) -> bool:
+        return with_vision or not _current_key(k).startswith(_VISION)
+    return {_current_key(k): v for k, v in read_weights_dir(path, keep=keep).items()}
+
+
+def load_mllm(mllm, path: Path, with_vision: bool = True) -> None:
+    """The MLLM from an InternVL3 checkpoint; `with_vision=False` leaves its vision path
+    (another source fills it) and checks every other key strictly."""
+    sd = mllm_state_dict(path, with_vision)
     tied = getattr(mllm.config.get_text_config(), "tie_word_embeddings", False) or \
         getattr(mllm.config, "tie_word_embeddings", False)
     if "lm_head.weight" not in sd and tied:
         sd["lm_head.weight"] = sd["model.language_model.embed_tokens.weight"]
-    load_state_dict_into(mllm, sd, strict=True, what=f"InternVL3 {path}")
+    target = mllm
+    if not with_vision:
+        from torch import nn
+        target, inner = nn.Module(), nn.Module()  # a view: the submodules stay owned by mllm
+        inner.language_model = mllm.model.language_model
+        target.model, target.lm_head = inner, mllm.lm_head
+    load_state_dict_into(target, sd, strict=True, what=f"InternVL3 {path}")
 
 
 def init_connector(model) -> None:
@@ -182,8 +196,8 @@ def init_connector(model) -> None:
 def load_pretrained(model, cfg) -> None:
     """A fresh gen_stage1: every frozen part from its published files."""
     from unilip_ds.models.unilip import load_vision_into_internvl
-    if _path(cfg, "internvl_path"):
-        load_mllm(model.mllm, _path(cfg, "internvl_path"))
+    if _path(cfg, "internvl_path"):  # its vision path is replaced by the recon export's
+        load_mllm(model.mllm, _path(cfg, "internvl_path"), with_vision=not _path(cfg, "unilip_path"))
     if _path(cfg, "unilip_path"):
         u = _path(cfg, "unilip_path")
         load_vision_into_internvl(model.mllm, u / "vision")

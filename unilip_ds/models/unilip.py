@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.models.internvl.modeling_internvl import (InternVLModel, InternVLMultiModalProjector,
                                                             InternVLVisionModel)
 
-from unilip_ds.engine.weights import load_state_dict_into, read_weights_dir
+from unilip_ds.engine.weights import load_state_dict_into, read_weights_dir, weight_keys
 from unilip_ds.models.flavors import Flavor, internvl_config
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -184,8 +184,7 @@ class DCAEDecoder(ModelMixin, ConfigMixin):
 
     def load_dcae_weights(self, path: str | Path) -> None:
         """Decoder weights from a diffusers AutoencoderDC directory (or a DCAEDecoder export)."""
-        sd = read_weights_dir(_existing(path, "model.dcae_path"))
-        sd = {k: v for k, v in sd.items() if k.startswith("decoder.")}
+        sd = read_weights_dir(_existing(path, "model.dcae_path"), keep=lambda k: k.startswith("decoder."))
         load_state_dict_into(self, sd, strict=True, what=f"DC-AE decoder {path}")
 
 
@@ -277,13 +276,15 @@ _HF_PREFIXES = ("model.vision_tower.", "vision_tower.", "model.multi_modal_proje
 def internvl_vision_state_dict(path: str | Path) -> Dict[str, torch.Tensor]:
     """Vision tower + projector weights of an InternVL checkpoint, as VisionPath keys. Accepts
     the transformers (`-hf`) layout and the remote-code layout (`vision_model.*`, `mlp1.*`)."""
-    sd = read_weights_dir(_existing(path, "model.internvl_path"))
-    if any(k.startswith("vision_model.") for k in sd):
+    path = _existing(path, "model.internvl_path")
+    # the headers say which layout it is; then only the vision path's tensors are read
+    # (the language model, most of the file, never is)
+    if any(k.startswith("vision_model.") for k in weight_keys(path)):
         from unilip_ds.models.convert import remote_vision_to_hf
-        return remote_vision_to_hf({k: v for k, v in sd.items()
-                                    if k.startswith(("vision_model.", "mlp1."))}, src_prefix="vision_model.")
+        return remote_vision_to_hf(read_weights_dir(path, keep=lambda k: k.startswith(("vision_model.", "mlp1."))),
+                                   src_prefix="vision_model.")
     out = {}
-    for k, v in sd.items():
+    for k, v in read_weights_dir(path, keep=lambda k: k.startswith(_HF_PREFIXES)).items():
         for p in _HF_PREFIXES:
             if k.startswith(p):
                 out[k[len("model."):] if p.startswith("model.") else k] = v
