@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -48,6 +48,17 @@ def build_train_loader(cfg, rank: int = 0, world_size: int = 1,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=False,
         )
+
+
+def load_elastic(loader: StatefulDataLoader, rank_states: Sequence[dict], cfg, rank: int,
+                 world_size: int) -> None:
+    """Continue the epochs of a run saved with another number of ranks or workers:
+    `rank_states` are the loader states of all old ranks (rank order); see data/elastic.py."""
+    from unilip_ds.data.elastic import loader_worker_states, redistribute
+    states = [s for st in rank_states for s in loader_worker_states(st)]
+    sources, shards = _sources_and_shards(cfg.data, cfg.data.train, "train")
+    loader.dataset.load_state_dict({"by_worker": redistribute(
+        states, sources, shards, cfg.data, cfg.run.seed, rank, world_size, cfg.data.num_workers)})
 
 
 def build_eval_batches(cfg, rank: int = 0, world_size: int = 1,

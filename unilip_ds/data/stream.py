@@ -39,7 +39,10 @@ from unilip_ds.data.storage import StorageError, open_shard
 
 log = logging.getLogger(__name__)
 
-Cursor = Tuple[int, int, int]  # (epoch, index in this worker's shard list, sample offset)
+Cursor = Tuple[int, int, int]  # (epoch, index in this worker's item list, sample offset)
+# one shard of a worker's epoch: (entry in the epoch's permutation, url, first sample,
+# samples to leave out, only these samples or None); see SourceStream.items
+Item = Tuple[int, str, int, frozenset, Optional[frozenset]]
 
 
 SkipFn = Callable[[str, str], None]  # (reason, detail)
@@ -201,6 +204,10 @@ class SourceStream:
         self.emitted = 0
         self.reread = 0  # raw samples re-read to get back into position (this process)
         self._counting = True
+        # (epoch, item, first, last sample) runs of the current block: with the emitted
+        # count they say which samples are trained on (elastic resume, data/elastic.py)
+        self.spans: List[List[int]] = []
+        self.plan: dict = {}  # epoch -> items, set by an elastic resume for epochs in flight
 
     def _on_skip(self, url: str) -> SkipFn:
         def report(reason: str, detail: str) -> None:
@@ -210,28 +217,42 @@ class SourceStream:
         return report
 
     # -- shard order -------------------------------------------------------------------
-    def worker_shards(self, epoch: int) -> List[str]:
+    def items(self, epoch: int) -> List[Item]:
+        """This reader's shards of an epoch; an elastic resume plans the epochs that were in
+        flight (the remainder of the old readers' items, see data/elastic.py)."""
+        if epoch in self.plan:
+            return self.plan[epoch]
         order = np.random.default_rng([self.seed, self.index, epoch]).permutation(
             len(self.shards) * self.repeats)
-        return [self.shards[i % len(self.shards)] for i in order[self.g::self.n]]
+        return [(int(j), self.shards[j % len(self.shards)], 0, frozenset(), None)
+                for j in order[self.g::self.n]]
+
+    def worker_shards(self, epoch: int) -> List[str]:
+        return [item[1] for item in self.items(epoch)]
 
     def _raw(self, cursor: Cursor) -> Iterator[Tuple[Cursor, dict]]:
         """(cursor, sample) from `cursor` on, across epochs, forever."""
         epoch, pos, offset = cursor
         while True:
-            urls = self.worker_shards(epoch)
-            full_epoch, found = pos == 0 and offset == 0, 0
-            for p in range(pos, len(urls)):
-                for i, sample in enumerate(iter_shard(urls[p], self.cfg, self._on_skip(urls[p]))):
-                    if i < offset:  # getting back into position: bytes only
+            items = self.items(epoch)
+            full_epoch, found = pos == 0 and offset == 0 and epoch not in self.plan, 0
+            for p in range(pos, len(items)):
+                _, url, first, skip, only = items[p]
+                last = max(only) if only else -1
+                for i, sample in enumerate(iter_shard(url, self.cfg, self._on_skip(url))):
+                    if i < offset or i < first:  # getting back into position: bytes only
                         self.reread += 1
+                        continue
+                    if i in skip or (only is not None and i not in only):
                         continue
                     found += 1
                     yield (epoch, p, i), sample
+                    if i == last:
+                        break
                 offset = 0
             if full_epoch and not found:
                 raise DataError(f"data: source '{self.name}': no readable sample in any of "
-                                f"the {len(urls)} shard(s) of worker {self.g} in epoch {epoch}")
+                                f"the {len(items)} shard(s) of worker {self.g} in epoch {epoch}")
             epoch, pos = epoch + 1, 0
 
     # -- shuffled samples --------------------------------------------------------------
@@ -241,12 +262,19 @@ class SourceStream:
             resuming = self.emitted > 0
             self._counting = not resuming  # counted when this block was first read
             block: List[dict] = []
+            cursors: List[Cursor] = []
             last: Cursor = self.start
+            self.spans = []
             for cur, sample in itertools.islice(raw, self.block_size):
                 if not block:
                     self.start = cur
                 block.append(sample)
+                cursors.append(cur)
                 last = cur
+                if self.spans and self.spans[-1][:2] == [cur[0], cur[1]]:
+                    self.spans[-1][3] = cur[2]
+                else:
+                    self.spans.append([cur[0], cur[1], cur[2], cur[2]])
                 if resuming:
                     self.reread += 1
                 else:
@@ -266,15 +294,27 @@ class SourceStream:
                     self.emitted = 0
                 else:
                     self.emitted = j + 1
+                self.cursor = cursors[order[j]]  # where the sample came from
                 yield block[order[j]]
 
     def state_dict(self) -> dict:
-        return {"start": list(self.start), "block_no": self.block_no, "emitted": self.emitted}
+        state = {"start": list(self.start), "block_no": self.block_no, "emitted": self.emitted,
+                 "spans": [list(s) for s in self.spans] if self.emitted else []}
+        plan = {e: items for e, items in self.plan.items() if e >= self.start[0]}
+        if plan:  # only after an elastic resume, until its epochs are read
+            state["plan"] = {e: [[j, url, first, sorted(skip), None if only is None else sorted(only)]
+                                 for j, url, first, skip, only in items] for e, items in plan.items()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.start = tuple(int(x) for x in state["start"])  # type: ignore[assignment]
         self.block_no = int(state["block_no"])
         self.emitted = int(state["emitted"])
+        self.spans = [list(s) for s in state.get("spans", [])]
+        self.plan = {int(e): [(int(j), url, int(first), frozenset(skip),
+                               None if only is None else frozenset(only))
+                              for j, url, first, skip, only in items]
+                     for e, items in state.get("plan", {}).items()}
 
 
 class MixtureStream(IterableDataset):
@@ -320,7 +360,9 @@ class MixtureStream(IterableDataset):
         self.batch_no = 0
         self._owner = (os.getpid(), worker)
         if self._pending is not None:
-            self._restore(self._pending)
+            # an elastic resume gives every worker its own state (data/elastic.py)
+            pending = self._pending.get("by_worker", {}).get(worker, self._pending)
+            self._restore(pending)
             self._pending = None
 
     def _restore(self, state: dict) -> None:
