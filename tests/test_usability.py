@@ -54,3 +54,25 @@ def test_warnings_tiny_later_stage_and_long_warmup(sample_shards, tmp_path, caps
                    "warning: model.init_from is not set: a stage that trains the encoder starts from a "
                    "recon export (model.init_from=<export>); this tiny run starts from random weights"]
 
+
+
+def test_torch_threads_are_chosen_not_inherited(monkeypatch):
+    import os
+
+    import torch
+
+    from unilip_ds.engine.dist import set_torch_threads
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        monkeypatch.delenv("LOCAL_SIZE", raising=False)
+        assert set_torch_threads(0, 0) == cores == torch.get_num_threads()  # plain python, no workers
+        assert set_torch_threads(0, 1) == max(1, cores - 1)  # one core per data worker
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores))  # torchrun: a core per rank
+        assert set_torch_threads(0, 2) == 1
+        assert set_torch_threads(3, 2) == 3 == torch.get_num_threads()  # train.torch_threads
+        with pytest.raises(ConfigError, match="train.torch_threads"):
+            load_config(None, ["train.torch_threads=-1"])
+    finally:
+        torch.set_num_threads(before)
