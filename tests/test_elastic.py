@@ -18,53 +18,58 @@ from unilip_ds.data.skips import SkipStats
 from unilip_ds.data.stream import SourceStream
 
 
-def _readers(states: List[dict], src, urls, cfg, n: int) -> List[SourceStream]:
+def _readers(states: List[dict], srcs, urls, cfg, n: int) -> List[List[SourceStream]]:
+    """[reader][source] streams loaded from MixtureStream-layout states."""
     out = []
     for g in range(n):
-        s = SourceStream(0, src, urls, cfg, 0, g, n, SkipStats())
-        s.load_state_dict(states[g]["sources"][src.name])
-        out.append(s)
+        row = []
+        for i, (src, u) in enumerate(zip(srcs, urls)):
+            s = SourceStream(i, src, u, cfg, 0, g, n, SkipStats())
+            s.load_state_dict(states[g]["sources"][src.name])
+            row.append(s)
+        out.append(row)
     return out
 
 
-def _consume(readers: List[SourceStream], counts: List[int], seen: Counter) -> List[dict]:
-    """Each reader emits counts[g] samples (its generator restarts from its state, as in a
-    resumed process); returns the readers' states in MixtureStream's layout."""
+def _consume(readers: List[List[SourceStream]], counts: List[int], seen: Counter) -> List[dict]:
+    """Reader g emits counts[g] samples of every source (its generators restart from its
+    state, as in a resumed process); returns the readers' states."""
     states = []
-    for g, (r, c) in enumerate(zip(readers, counts)):
-        gen = r.samples()
-        for _ in range(c):
-            sample = next(gen)
-            seen[(r.cursor[0], sample["__key__"])] += 1
-        states.append({"sources": {r.name: r.state_dict()}, "batch_no": 0, "layout": [g, len(readers), 0, 1],
-                       "stats": SkipStats().state_dict()})
+    for g, (row, c) in enumerate(zip(readers, counts)):
+        for r in row:
+            gen = r.samples()
+            for _ in range(c + 3 * r.index):  # the sources at other paces
+                sample = next(gen)
+                seen[(r.name, r.cursor[0], sample["__key__"])] += 1
+        states.append({"sources": {r.name: r.state_dict() for r in row}, "batch_no": 0,
+                       "layout": [g, len(readers), 0, 1], "stats": SkipStats().state_dict()})
     return states
 
 
-def _new_states(states, src, urls, cfg, n_new) -> List[dict]:
-    return [redistribute(states, [src], [urls], cfg, 0, rank, n_new, 0)[0] for rank in range(n_new)]
+def _new_states(states, srcs, urls, cfg, n_new) -> List[dict]:
+    return [redistribute(states, srcs, urls, cfg, 0, rank, n_new, 0)[0] for rank in range(n_new)]
 
 
 @pytest.mark.parametrize("chain", [(4, 3, 1), (4, 1, 6)])
 def test_stream_remainder_is_every_sample_once(tmp_path, chain):
-    """8 shards x 6 samples, blocks of 7 (partial blocks, blocks across shards and epochs),
-    readers far apart (one already in epoch 1); the layout changes twice."""
-    urls = write_shards(tmp_path, "a", 8, 6)
-    src, cfg = SourceConfig(name="a", urls=urls), make_data_cfg()
+    """Two sources (8 shards x 6 samples, 6 x 5), blocks of 7 (partial blocks, blocks across
+    shards and epochs), readers far apart (some already in epoch 1); the layout changes twice."""
+    urls = [write_shards(tmp_path, "a", 8, 6), write_shards(tmp_path, "b", 6, 5, seed=2)]
+    srcs = [SourceConfig(name="a", urls=urls[0]), SourceConfig(name="b", urls=urls[1])]
+    cfg = make_data_cfg()
     cfg.shuffle_buffer = 7
-    keys = all_keys(urls)
     seen: Counter = Counter()
     n0, n1, n2 = chain
-    fresh = [{"sources": {"a": SourceStream(0, src, urls, cfg, 0, g, n0, SkipStats()).state_dict()}}
-             for g in range(n0)]
-    states = _consume(_readers(fresh, src, urls, cfg, n0), [3, 10, 17, 14][:n0], seen)
-    states = _consume(_readers(_new_states(states, src, urls, cfg, n1), src, urls, cfg, n1),
+    fresh = [{"sources": {s.name: {"start": [0, 0, 0], "block_no": 0, "emitted": 0} for s in srcs}}] * n0
+    states = _consume(_readers(fresh, srcs, urls, cfg, n0), [3, 10, 17, 14][:n0], seen)
+    states = _consume(_readers(_new_states(states, srcs, urls, cfg, n1), srcs, urls, cfg, n1),
                       [5 + 4 * g for g in range(n1)], seen)
-    last = _readers(_new_states(states, src, urls, cfg, n2), src, urls, cfg, n2)
-    hi = max(max(s.plan) for s in last)
+    last = _readers(_new_states(states, srcs, urls, cfg, n2), srcs, urls, cfg, n2)
+    hi = max(max(s.plan) for row in last for s in row)
     assert hi >= 1  # the epochs in flight included epoch 1
     _consume(last, [48 * (hi + 2) // n2 + 24] * n2, seen)  # every reader past epoch hi + 1
-    for epoch in range(hi + 2):  # the planned epochs and the first one of the new split
-        got = Counter({k: c for (e, k), c in seen.items() if e == epoch})
-        assert got == Counter(keys), f"epoch {epoch}: {got - Counter(keys)} twice, " \
-                                     f"{Counter(keys) - got} missing"
+    for src, u in zip(srcs, urls):
+        keys = Counter(all_keys(u))
+        for epoch in range(hi + 2):  # the planned epochs and the first one of the new split
+            got = Counter({k: c for (name, e, k), c in seen.items() if name == src.name and e == epoch})
+            assert got == keys, f"{src.name} epoch {epoch}: {got - keys} twice, {keys - got} missing"

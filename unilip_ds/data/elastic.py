@@ -40,19 +40,21 @@ def loader_worker_states(loader_state: dict) -> List[Optional[dict]]:
 
 def _remainder(stream: SourceStream, last_epoch: int) -> Tuple[Dict[int, List[Leftover]],
                                                                Dict[int, List[Item]]]:
-    """What one old reader has not trained on, epoch by epoch up to `last_epoch`."""
-    E, P, O = stream.start
-    spans: Dict[Tuple[int, int], Tuple[int, int]] = {}
+    """What one old reader has not trained on, epoch by epoch up to `last_epoch`: the
+    unemitted samples of its block, and its items from the sample after the block on."""
     block: List[Tuple[int, int, int]] = []  # cursors of the current block, in read order
     for e, p, a, b in stream.spans if stream.emitted else []:
         _, _, first, skip, only = stream.items(e)[p]
-        spans[(e, p)] = (a, b)
         block += [(e, p, i) for i in range(a, b + 1)
                   if i >= first and i not in skip and (only is None or i in only)]
     order = np.random.default_rng(
         [stream.seed, stream.index, stream.g, stream.block_no]).permutation(len(block))
-    taken = {block[k] for k in order[:stream.emitted]}
     leftovers: Dict[int, List[Leftover]] = {}
+    for k in order[stream.emitted:]:
+        e, p, i = block[k]
+        j, url = stream.items(e)[p][:2]
+        leftovers.setdefault(e, []).append((j, url, i))
+    E, P, O = stream.next if stream.emitted else stream.start
     items: Dict[int, List[Item]] = {}
     for e in range(E, last_epoch + 1):
         for p, (j, url, first, skip, only) in enumerate(stream.items(e)):
@@ -60,11 +62,6 @@ def _remainder(stream: SourceStream, last_epoch: int) -> Tuple[Dict[int, List[Le
                 continue
             if (e, p) == (E, P):
                 first = max(first, O)
-            if (e, p) in spans:
-                a, b = spans[(e, p)]
-                leftovers.setdefault(e, []).extend(
-                    (j, url, i) for (ee, pp, i) in block if (ee, pp) == (e, p) and (e, p, i) not in taken)
-                first = b + 1  # the tail after the block
             if only is not None:
                 only = frozenset(i for i in only if i >= first and i not in skip)
                 if not only:
@@ -96,7 +93,7 @@ def redistribute(states: Sequence[Optional[dict]], sources: Sequence[SourceConfi
             old.append(stream)
         lo = min(s.start[0] for s in old)
         # up to the last epoch any reader started, or has a plan for (an earlier elastic resume)
-        hi = max([s.start[0] for s in old] + [sp[0] for s in old if s.emitted for sp in s.spans]
+        hi = max([s.start[0] for s in old] + [s.next[0] for s in old if s.emitted]
                  + [e for s in old for e in s.plan])
         leftovers: Dict[int, List[Leftover]] = {}
         items: Dict[int, List[Item]] = {}

@@ -207,6 +207,7 @@ class SourceStream:
         # (epoch, item, first, last sample) runs of the current block: with the emitted
         # count they say which samples are trained on (elastic resume, data/elastic.py)
         self.spans: List[List[int]] = []
+        self.next: Cursor = self.start  # the sample after the current block (read ahead)
         self.plan: dict = {}  # epoch -> items, set by an elastic resume for epochs in flight
 
     def _on_skip(self, url: str) -> SkipFn:
@@ -258,19 +259,18 @@ class SourceStream:
     # -- shuffled samples --------------------------------------------------------------
     def samples(self) -> Iterator[dict]:
         raw = self._raw(self.start)
+        ahead: list = []  # the next block's first sample, read to know where this block ends
         while True:
             resuming = self.emitted > 0
             self._counting = not resuming  # counted when this block was first read
             block: List[dict] = []
             cursors: List[Cursor] = []
-            last: Cursor = self.start
             self.spans = []
-            for cur, sample in itertools.islice(raw, self.block_size):
+            for cur, sample in itertools.islice(itertools.chain(ahead, raw), self.block_size):
                 if not block:
                     self.start = cur
                 block.append(sample)
                 cursors.append(cur)
-                last = cur
                 if self.spans and self.spans[-1][:2] == [cur[0], cur[1]]:
                     self.spans[-1][3] = cur[2]
                 else:
@@ -280,6 +280,8 @@ class SourceStream:
                 else:
                     self.stats.read += 1
             self._counting = True
+            ahead = [next(raw)]
+            self.next = ahead[0][0]  # the shards before it are read to the end
             if resuming:
                 log.info("data: source '%s' of worker %d back at block %d, sample %d, after "
                          "re-reading %d raw samples (nothing decoded)", self.name, self.g,
@@ -288,8 +290,7 @@ class SourceStream:
                 [self.seed, self.index, self.g, self.block_no]).permutation(len(block))
             for j in range(self.emitted, len(block)):
                 if j == len(block) - 1:
-                    # block done: the next one starts after its last sample
-                    self.start = (last[0], last[1], last[2] + 1)
+                    self.start = self.next  # block done
                     self.block_no += 1
                     self.emitted = 0
                 else:
@@ -300,6 +301,8 @@ class SourceStream:
     def state_dict(self) -> dict:
         state = {"start": list(self.start), "block_no": self.block_no, "emitted": self.emitted,
                  "spans": [list(s) for s in self.spans] if self.emitted else []}
+        if self.emitted:
+            state["next"] = list(self.next)
         plan = {e: items for e, items in self.plan.items() if e >= self.start[0]}
         if plan:  # only after an elastic resume, until its epochs are read
             state["plan"] = {e: [[j, url, first, sorted(skip), None if only is None else sorted(only)]
@@ -311,6 +314,9 @@ class SourceStream:
         self.block_no = int(state["block_no"])
         self.emitted = int(state["emitted"])
         self.spans = [list(s) for s in state.get("spans", [])]
+        # a state without `next` (older runs): maybe more samples after the block's last
+        self.next = tuple(state["next"]) if "next" in state else \
+            tuple(self.spans[-1][:2] + [self.spans[-1][3] + 1]) if self.spans else self.start
         self.plan = {int(e): [(int(j), url, int(first), frozenset(skip),
                                None if only is None else frozenset(only))
                               for j, url, first, skip, only in items]
