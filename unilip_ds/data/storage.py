@@ -7,9 +7,11 @@ seeks back to the byte offset already delivered, so the caller sees an unbroken 
 stream. An outage longer than `cfg.io_retry_seconds` (counted from the last byte that
 arrived) ends in one `StorageError` line naming the shard.
 
-On s3:// every failure is retried inside that bound, 404/403 included: a restarting
-gateway answers those for a moment before its filer and identities are loaded. A local
-path that does not exist or cannot be read fails at once (nothing will change that).
+On s3:// every failure is retried inside that bound, 404 included: a restarting gateway
+answers it for a moment before its filer is loaded. A request the server refuses (403:
+a signature mismatch, an unknown access key, an expired token, access denied) fails at
+once with one line: no retry changes credentials.
+A local path that does not exist or cannot be read fails at once too.
 
 s3fs filesystems are created lazily, one per (process, endpoint, region), and never
 shared across fork (s3fs holds an event loop thread and connection pool). Credentials
@@ -178,11 +180,30 @@ def _io_error_types() -> Tuple[type, ...]:
     return tuple(types)
 
 
+# S3 error codes of rejected credentials (authentication, not a server in trouble);
+# "403" is what botocore reports for a HEAD request, whose answer has no body
+AUTH_ERRORS = ("SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken", "ExpiredToken",
+               "InvalidClientTokenId", "AuthorizationHeaderMalformed", "AccessDenied", "403")
+
+
+def s3_error_code(exc: BaseException) -> Optional[str]:
+    """The S3 error code behind an exception (s3fs wraps botocore's ClientError)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code")
+        if code:
+            return str(code)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _permanent(url: str, exc: BaseException) -> bool:
-    """I/O errors no retry can fix: a missing/unreadable local path. S3 404/403 count as
-    transient (see the module doc)."""
-    return not is_s3(url) and isinstance(
-        exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError))
+    """I/O errors no retry can fix: a missing/unreadable local path, rejected S3
+    credentials. Other S3 errors count as transient (see the module doc)."""
+    if is_s3(url):
+        return s3_error_code(exc) in AUTH_ERRORS
+    return isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError))
 
 
 class _Backoff:
@@ -205,6 +226,11 @@ class _Backoff:
         self.attempts += 1
         elapsed = time.monotonic() - self.start
         where = f" at byte {offset}" if offset else ""
+        if is_s3(self.url) and _permanent(self.url, exc):
+            raise StorageError(
+                f"{self.what} {self.url}: the S3 server rejected the credentials "
+                f"({s3_error_code(exc)}); check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+                "(or the profile) for this endpoint") from exc
         if _permanent(self.url, exc) or elapsed >= self.budget:
             raise StorageError(
                 f"{self.what} {self.url}{where}: {describe(exc)} (gave up after "
