@@ -39,3 +39,49 @@ def test_dry_run_counts_real_sizes_and_memory():
     s1 = run("launch/train.py", ["--config", "recon_stage1", "--dry-run", "--json"])
     s1 = json.loads(s1.stdout.strip().splitlines()[-1])["components"]
     assert s1["encoder (InternViT)"]["trainable"] == 0 and s1["adapter"]["frozen"] == 0
+
+
+def test_memory_terms_follow_the_config(tmp_path):
+    """Every term is named and sized from the config: EMA (per partition under ZeRO-3),
+    reduce buckets per engine (two with overlap_comm below ZeRO-3), the fp32 step copy of the
+    largest parameter group; the total is their sum."""
+    from unilip_ds.config import load_config
+    from unilip_ds.dryrun import dry_run
+    from unilip_ds.engine.ds_config import load_json
+
+    def mem(world, ds, *over):
+        cfg = load_config("recon_stage2", [f"deepspeed.config={ds}", *over], world_size=world)
+        return dry_run(cfg, load_json(ds), world)["memory"]
+
+    def term(m, *words):
+        (t,) = [t for t in m["terms"] if all(w in t["term"] for w in words)]
+        return t["gpu_gib"] * 2 ** 30
+
+    z2 = mem(1, "ds_configs/zero2.json")
+    trainable = 304_012_288 + 4_482_816 + 4_859_200 + 159_223_171  # encoder, mlp1, adapter, decoder
+    assert term(z2, "model: EMA") == trainable * 4  # ~1.76 GiB at world size 1
+    assert term(z2, "model: gradient reduce buckets") == 2 * 5e8 * 2  # overlap_comm: two, bf16
+    assert term(z2, "disc: gradient reduce buckets") == 2 * 5e8 * 2  # every engine has its own
+    # the step's fp32 copy is one param group's: the largest, the encoder + mlp1 weights
+    # with weight decay (all but biases and norms)
+    vision = 304_012_288 + 4_482_816
+    assert vision * 4 * 0.98 < term(z2, "model: fp32 gradients of the optimizer step") < vision * 4
+    assert sum(t["gpu_gib"] for t in z2["terms"]) == pytest.approx(z2["gpu_gib"])
+    assert z2["gpu_gib"] == pytest.approx(sum(z2[k] for k in ("gpu_params_gib", "gpu_grads_gib",
+                                                            "gpu_optimizer_gib", "ema_gib", "buckets_gib",
+                                                            "outside_engines_gib"))
+                                          + term(z2, "model: fp32 gradients") / 2 ** 30
+                                          + term(z2, "disc: fp32 gradients") / 2 ** 30)
+    z3 = mem(8, "ds_configs/zero3.json")
+    assert term(z3, "model: EMA") == trainable * 4 / 8
+    assert term(z3, "model: gradient reduce bucket ") == 5e8 * 2  # ZeRO-3: one
+    assert term(z3, "model: ZeRO-3 prefetch bucket") == z3["gpu_params_gib"] * 8 * 2 ** 30 - \
+        term(z3, "disc: weights") * 8  # 5e8 elements > the model: all of it
+    # the settings behind the terms (tiny flavor: the same code, a faster build)
+    ema, no_ema = (mem(8, "ds_configs/zero3.json", "model.flavor=tiny", f"ema.enabled={e}") for e in ("true", "false"))
+    assert no_ema["ema_gib"] == 0 < ema["ema_gib"]
+    assert ema["gpu_gib"] - no_ema["gpu_gib"] == pytest.approx(ema["ema_gib"])
+    custom = tmp_path / "ds.json"
+    custom.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": False,
+                                                        "reduce_bucket_size": 1e7}}))
+    assert term(mem(2, str(custom), "model.flavor=tiny"), "model: gradient reduce bucket ") == 1e7 * 2
