@@ -107,3 +107,16 @@ def test_flavor_is_inferred_or_refused(tmp_path):
     torch.save(sd, tmp_path / "ref.pt")
     with pytest.raises(ConversionError, match="infer the flavor"):
         convert(tmp_path / "ref.pt", tmp_path / "out")  # tiny widths match no real flavor
+
+
+@pytest.mark.parametrize("name, write, match", [
+    ("notes.pt", lambda p: p.write_text("not a checkpoint"), "not a readable torch / safetensors checkpoint"),
+    ("bad.safetensors", lambda p: p.write_bytes(b"zz"), "not a readable torch / safetensors checkpoint"),
+    ("other.pt", lambda p: torch.save({"a.weight": torch.zeros(2)}, p), "not a reference tokenizer checkpoint"),
+])
+def test_a_file_that_is_not_a_reference_checkpoint_is_one_line(tmp_path, capsys, name, write, match):
+    write(tmp_path / name)
+    assert main(["--src", str(tmp_path / name), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --src: {tmp_path / name} is ") and match in err[0], err
+    assert not (tmp_path / "out").exists()

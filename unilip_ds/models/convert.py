@@ -38,6 +38,7 @@ VISION_RENAMES: List[Tuple[str, str]] = [
 ]
 QKV = re.compile(r"^encoder\.layers\.(\d+)\.attn\.qkv\.(weight|bias)$")
 PROJECTOR_RENAMES = {"0": "layer_norm", "1": "linear_1", "3": "linear_2"}
+PARTS = ("encoder.", "mlp1.", "down_blocks.", "down_mlp.", "decoder.")  # the checkpoint's parts
 
 
 class ConversionError(ValueError):
@@ -100,8 +101,8 @@ def reference_to_unilip(sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tenso
         elif not k.startswith(("encoder.", "mlp1.")):
             unknown.append(k)
     if unknown:
-        raise ConversionError(f"{len(unknown)} keys of no known part (encoder., mlp1., down_blocks., "
-                              f"down_mlp., decoder.), e.g. {sorted(unknown)[:5]}")
+        raise ConversionError(f"{len(unknown)} keys of no known part ({', '.join(PARTS)}), "
+                              f"e.g. {sorted(unknown)[:5]}")
     return out
 
 
@@ -109,16 +110,23 @@ def read_reference(path: str | Path) -> Dict[str, torch.Tensor]:
     p = Path(path)
     if not p.is_file():
         raise ConversionError(f"--src: no such file {path}")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        sd = load_file(str(p))
-    else:
-        sd = torch.load(str(p), map_location="cpu", weights_only=True)
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            sd = load_file(str(p))
+        else:
+            sd = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and safetensors readers raise many kinds
+        raise ConversionError(f"--src: {path} is not a readable torch / safetensors checkpoint "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(sd, dict) and wrapper in sd and isinstance(sd[wrapper], dict):
             sd = sd[wrapper]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ConversionError(f"--src: {path} is not a state dict of tensors")
+    if not any(k.startswith(PARTS) for k in sd):
+        raise ConversionError(f"--src: {path} is not a reference tokenizer checkpoint (no key starts with "
+                              f"{', '.join(PARTS)}; it holds e.g. {sorted(sd)[:3]})")
     return sd
 
 
