@@ -92,8 +92,14 @@ def test_bad_inputs_one_line_errors(export, tmp_path):
     with pytest.raises(ReconstructError, match="no such file"):
         reconstruct(ckpt, [str(tmp_path / "missing.png")], tmp_path / "o")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ReconstructError, match="no images found"):
+    with pytest.raises(ReconstructError, match="no images"):
         reconstruct(ckpt, [str(tmp_path / "empty")], tmp_path / "o")
+    assert not (tmp_path / "o").exists()  # nothing left behind
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "grid.png").write_bytes(b"someone's")
+    with pytest.raises(ReconstructError, match="not empty; nothing was written"):
+        reconstruct(ckpt, [str(tmp_path / "empty")], tmp_path / "used")
+    assert [f.name for f in (tmp_path / "used").iterdir()] == ["grid.png"]
     with pytest.raises(ReconstructError, match=">= 28"):
         reconstruct(ckpt, [str(tmp_path / "empty")], tmp_path / "o", resolution=20)
 

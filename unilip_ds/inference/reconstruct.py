@@ -7,8 +7,8 @@ The export dir holds `config.yaml` (the resolved run config) and one sub-dir per
 (vision / adapter / decoder). Images are resized (shorter side) and centre-cropped to
 --resolution (default: the run's data.resolution); any size works: multiples of 28 go the
 training path, others (e.g. 256) the reference's reflect-pad path (`unilip.reconstruct_padded`).
-Writes one PNG per reconstruction and `grid.png` (original | reconstruction per row); prints
-per-image and mean PSNR / SSIM (data range 1, on the uint8-rounded reconstruction) as JSON.
+Writes into --out (new or empty) one PNG per reconstruction and `grid.png` (original |
+reconstruction per row); prints per-image and mean PSNR / SSIM (data range 1, on the uint8-rounded reconstruction) as JSON.
 """
 
 from __future__ import annotations
@@ -99,13 +99,15 @@ def reconstruct(ckpt, images: List[str], out: str | Path, resolution: int = 0, b
     from unilip_ds.models.unilip import reconstruct_any
     if resolution and resolution < 28:
         raise ReconstructError(f"--resolution: must be >= 28, got {resolution}")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ReconstructError(f"--out {out} exists and is not empty; nothing was written")
     model, cfg = load_autoencoder(ckpt)
     res = resolution or cfg.data.resolution
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     named = [(n, to_tensor(img, res)) for n, img in iter_images(images)]
     if not named:
-        raise ReconstructError("--images: no images found")
+        raise ReconstructError(f"--images: no images ({', '.join(IMAGE_EXTS)}) in {' '.join(images)}")
+    out.mkdir(parents=True, exist_ok=True)  # only once there is something to write
     rows, results = [], []
     with torch.no_grad():
         for i in range(0, len(named), batch_size):
@@ -129,7 +131,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Reconstruct images with an exported UniLIP autoencoder.")
     ap.add_argument("--ckpt", required=True, help="export dir (config.yaml + vision/adapter/decoder)")
     ap.add_argument("--images", required=True, nargs="+", help="image files, directories or .tar shards")
-    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--out", required=True, help="new (or empty) output directory")
     ap.add_argument("--resolution", type=int, default=0, help="input size (default: the run's data.resolution)")
     ap.add_argument("--batch-size", type=int, default=8)
     args = ap.parse_args(argv)
