@@ -8,7 +8,8 @@ The export dir holds `config.yaml` (the resolved run config) and one sub-dir per
 --resolution (default: the run's data.resolution); any size works: multiples of 28 go the
 training path, others (e.g. 256) the reference's reflect-pad path (`unilip.reconstruct_padded`).
 Writes into --out (new or empty) one PNG per reconstruction and `grid.png` (original |
-reconstruction per row); prints per-image and mean PSNR / SSIM (data range 1, on the uint8-rounded reconstruction) as JSON.
+reconstruction per row); prints per-image and mean PSNR / SSIM (data range 1, on the
+uint8-rounded reconstruction) as JSON.
 """
 
 from __future__ import annotations
