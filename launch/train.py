@@ -62,7 +62,17 @@ def main(argv=None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {exc}", file=sys.stderr)
         return 2
+    except run_failures() as exc:  # a dead or stalled rank, non-finite steps: one line, exit 3
+        if int(os.environ.get("RANK", "0")) == 0 or "rank" in str(exc).split(":")[0]:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        os._exit(3)  # a broken process group may hang a normal interpreter exit
     return 0
+
+
+def run_failures() -> tuple:
+    from unilip_ds.engine.dist import CollectiveError
+    from unilip_ds.engine.nonfinite import NonFiniteError
+    return (CollectiveError, NonFiniteError)
 
 
 def user_errors() -> tuple:

@@ -14,21 +14,16 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
-from omegaconf import OmegaConf
 
 from unilip_ds.config import Config, ConfigError, config_warnings, to_dict, to_yaml, warn
-from unilip_ds.engine import checkpoint, dist
-from unilip_ds.engine.ds_config import check_ds_config
+from unilip_ds.engine import checkpoint, dist, nonfinite, rundir
+from unilip_ds.engine.ds_config import check_ds_config, zero_stage
 from unilip_ds.engine.ema import EMA
 from unilip_ds.engine.engines import build_engines, model_init_context
 from unilip_ds.tasks.base import MAIN, build_task
 from unilip_ds.tracking import Tracker, setup_logging
 
 log = logging.getLogger("unilip_ds")
-
-# changing these under an existing run dir would make its checkpoints meaningless
-INCOMPATIBLE_KEYS = ("run.task", "model.flavor", "data.resolution")
-
 
 def to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     """Tensors to the device; uint8 images (the data layer ships them so, 4x less to move
@@ -43,25 +38,14 @@ def to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     return out
 
 
-def check_output_dir(cfg: Config) -> None:
-    """Refuse a run dir that belongs to a run with an incompatible config."""
-    saved = Path(cfg.run.output_dir) / "config.yaml"
-    if not saved.is_file():
-        return
-    old = OmegaConf.load(saved)
-    new = OmegaConf.create(to_dict(cfg))
-    for key in INCOMPATIBLE_KEYS:
-        a, b = OmegaConf.select(old, key), OmegaConf.select(new, key)
-        if a != b:
-            raise ConfigError(f"run.output_dir {cfg.run.output_dir} belongs to a run with "
-                              f"{key}={a!r} (this config: {b!r}); choose another run.output_dir")
-
-
 def prepare(cfg: Config, ds_config_path: str) -> Dict[str, Any]:
     """Everything that can fail on user input, before any process group or model."""
     world = dist.world_size()
     ds_raw = check_ds_config(cfg, ds_config_path, world)
-    check_output_dir(cfg)
+    if zero_stage(ds_raw) == 0:
+        raise ConfigError("ds_config 'zero_optimization.stage': 0 cannot skip a step with a non-finite "
+                          "loss or gradient norm (train.on_nonfinite); use ZeRO stage 1, 2 or 3")
+    rundir.check_output_dir(cfg, dist.rank())
     for msg in config_warnings(cfg):
         warn(msg)
     build_task(cfg).check_inputs()
@@ -79,10 +63,20 @@ def prepare(cfg: Config, ds_config_path: str) -> Dict[str, Any]:
     return ds_raw
 
 
+@contextlib.contextmanager
+def _sigint_ignored():
+    """Processes started inside (data workers) inherit SIGINT ignored."""
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 class Trainer:
     def __init__(self, cfg: Config, ds_raw: Dict[str, Any]):
         self.cfg = cfg
-        dist.init()
+        dist.init(cfg.dist.timeout_s)
         self.rank, self.world = dist.rank(), dist.world_size()
         self.device = dist.device()
         setup_logging(self.rank)
@@ -90,7 +84,6 @@ class Trainer:
         self.out = Path(cfg.run.output_dir)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(to_yaml(cfg))
         dist.barrier()
         torch.manual_seed(cfg.run.seed + self.rank)
 
@@ -99,6 +92,10 @@ class Trainer:
         t0 = time.time()
         with model_init_context(ds_raw, cfg, self.world):
             self.modules = self.task.build_modules()
+        if tag is not None:
+            rundir.check_engines(self.out, tag, list(self.modules))
+        if self.rank == 0:  # only now: this config is known to fit the run dir
+            (self.out / "config.yaml").write_text(to_yaml(cfg))
         if tag is None:  # a resumed run gets its weights from the checkpoint
             if cfg.model.init_from:
                 self.task.init_from(self.modules, cfg.model.init_from)
@@ -108,6 +105,9 @@ class Trainer:
         log.info(f"built {', '.join(self.engines)} in {time.time() - t0:.1f}s "
                  f"(world {self.world}, ZeRO stage {ds_raw.get('zero_optimization', {}).get('stage', 0)})")
         self.ema = EMA(self.engines[MAIN].module, cfg.ema.max_decay) if cfg.ema.enabled else None
+        self.settings = nonfinite.capture_settings(self.engines)  # this config's, before loading
+        self.lr_scale = 1.0  # x rollback_lr_scale per rollback (train.on_nonfinite)
+        self.nonfinite = nonfinite.NonFiniteTracker(cfg)
 
         from unilip_ds.data import SkipTracker, build_eval_batches, build_train_loader
         self.loader = build_train_loader(cfg, self.rank, self.world)
@@ -118,18 +118,15 @@ class Trainer:
         self.step = 0
         run_id = None
         if tag is not None:
-            state = checkpoint.load(self.out, tag, self.engines)
-            self.step = state["meta"]["step"]
+            state = self._restore(tag, "resume")
             run_id = state["meta"].get("wandb_run_id")
             self.loader.load_state_dict(state["data"])
-            if self.ema is not None:  # below ZeRO-3 the EMA is the same on every rank
-                self.ema.load_state_dict(state["ema"] if "ema" in state else
-                                         checkpoint.rank_state(self.out, tag, 0)["ema"])
             log.info(f"resumed from {self.out / 'checkpoints' / tag} at step {self.step}")
         self.task.after_load(self.modules)
         self.tracker = Tracker(cfg, self.rank, run_id, start_step=self.step)
         self._signal: Optional[str] = None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        self._sigint_at = 0.0
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         self.keys_file = None
         if cfg.data.log_keys:
@@ -141,12 +138,28 @@ class Trainer:
         cfg = self.cfg
         # starting the loader draws its workers' base seed from the global RNG: keep that
         # draw out of the stream a resumed run restores (CFG dropout, sigmas, noise)
-        with torch.random.fork_rng(devices=[]):
-            it = iter(self.loader)
+        with torch.random.fork_rng(devices=[]), _sigint_ignored():
+            it = iter(self.loader)  # workers ignore Ctrl-C (the terminal signals them too)
         sums: Dict[str, Any] = defaultdict(float)  # device tensors: no host sync per step
         counts: Dict[str, int] = defaultdict(int)
         window = {"time": 0.0, "wait": 0.0, "steps": 0}
         first = self.step
+        self.watchdog = dist.Watchdog(cfg.dist.timeout_s)
+        try:
+            self._loop(it, sums, counts, window, first)
+        except RuntimeError as exc:
+            if not dist.is_collective_failure(exc):
+                raise
+            raise dist.CollectiveError(
+                f"rank {self.rank}: step {self.step + 1}: a collective failed "
+                f"({str(exc).strip().splitlines()[0][:300]}); a rank died or stalled for "
+                f"dist.timeout_s={cfg.dist.timeout_s}") from None
+        self.close()
+
+    def _loop(self, it, sums, counts, window, first) -> None:
+        cfg = self.cfg
+        drawn = 0  # micro-batches drawn by this process (train.test_nan_batches)
+        self.watchdog.beat(f"step {self.step + 1} (evaluation)")
         if cfg.train.eval_every and self.step == 0:
             self.evaluate()  # the baseline the run improves on
         while self.step < cfg.train.max_steps:
@@ -154,23 +167,47 @@ class Trainer:
             self.task.set_train_mode(self.modules)
             phases = self.task.phases(self.step)
             lrs = {name: max(e.get_lr()) for name, e in self.engines.items()}  # used this step
+            skipped_before = {n: nonfinite.skipped_steps(e) for n, e in self.engines.items()}
             for _ in range(cfg.train.grad_accum):
+                self.watchdog.beat(f"step {self.step + 1}")
                 t_wait = time.perf_counter()
                 batch = next(it)
                 window["wait"] += time.perf_counter() - t_wait
                 self.skips.update(batch)
                 batch = to_device(batch, self.device)
+                drawn += 1
+                if drawn in cfg.train.test_nan_batches and self.rank == self.world - 1:
+                    for v in batch.values():  # fault injection (tests): a NaN batch
+                        if isinstance(v, torch.Tensor) and v.is_floating_point():
+                            v.fill_(float("nan"))
                 if self.keys_file is not None:
                     self.keys_file.write(json.dumps({"step": self.step + 1, "keys": batch["__key__"]}) + "\n")
                 for phase in phases:
                     loss, terms = self.task.loss(phase, batch, self.step, self.engines)
+                    loss, finite = nonfinite.guard_loss(loss)
+                    if not finite:  # this rank's keys: the one place they are known
+                        log.warning(f"step {self.step + 1}: non-finite loss ({phase}) on rank "
+                                    f"{self.rank}, batch keys {batch['__key__']}")
                     self.engines[phase].backward(loss)
                     self.engines[phase].step()
                     for k, v in terms.items():
                         sums[k] += v.detach()
                         counts[k] += 1
             self.step += 1
-            if self.ema is not None and self.step % cfg.ema.every_steps == 0:
+            # DeepSpeed skipped the step on every rank (its overflow check is all-reduced)
+            skipped = [n for n, e in self.engines.items()
+                       if nonfinite.skipped_steps(e) > skipped_before[n]]
+            action = self.nonfinite.record(bool(skipped))
+            if skipped:
+                log.warning(f"step {self.step}: non-finite loss or gradient norm: optimizer step of "
+                            f"{', '.join(skipped)} skipped on every rank ({self.nonfinite.in_a_row} "
+                            f"in a row, {self.nonfinite.total} in total)")
+            if action in ("rollback", "stop"):
+                self._on_nonfinite_limit(action)
+                sums.clear(), counts.clear()  # the rolled-back steps are not logged
+                window.update(time=0.0, wait=0.0, steps=0)
+                continue
+            if self.ema is not None and self.step % cfg.ema.every_steps == 0 and not skipped:
                 self.ema.update()
             window["time"] += time.perf_counter() - t_step
             window["steps"] += 1
@@ -192,15 +229,59 @@ class Trainer:
                 self.write_samples()
             if self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.train.max_steps \
                     or stop:
+                self.watchdog.beat(f"step {self.step} (checkpoint)")
                 self.save()
             if stop:
                 log.info(f"stopping on signal {self._signal}" if signalled else
                          f"stopping after {self.step - first} steps (train.stop_after)")
                 break
-        self.close()
+
+    def _on_nonfinite_limit(self, action: str) -> None:
+        """train.max_nonfinite_in_a_row reached: stop, or roll back to the last checkpoint
+        with a lower LR; the data stream is not rewound (the bad batches are not replayed)."""
+        n, limit = self.nonfinite.in_a_row, "train.max_nonfinite_in_a_row"
+        tag = checkpoint.latest_tag(self.out) if action == "rollback" else None
+        if tag is None:
+            why = "train.on_nonfinite=stop" if action == "stop" else "no checkpoint to roll back to"
+            raise nonfinite.NonFiniteError(
+                f"step {self.step}: {n} steps in a row with a non-finite loss or gradient norm "
+                f"({limit}={n}; {why}); the batch keys are in the warnings above. The last "
+                "checkpoint is intact: lower optim.lr, or set train.on_nonfinite=rollback|skip, and "
+                "start the same command again")
+        self.lr_scale *= self.cfg.train.rollback_lr_scale
+        self._restore(tag, "rollback")
+        self.nonfinite.in_a_row = 0
+        log.warning(f"rolled back to {tag} after {n} non-finite steps in a row: LR x{self.lr_scale:g} "
+                    f"from step {self.step + 1}; the data stream continues with new batches")
+
+    def _restore(self, tag: str, why: str) -> Dict[str, Any]:
+        """Engines, RNG and EMA from checkpoint `tag`; then this config's optimizer settings
+        (what differs from the run that saved it is logged) x the rollback LR scale."""
+        state = checkpoint.load(self.out, tag, self.engines)
+        meta = state["meta"]
+        self.step = meta["step"]
+        if self.ema is not None:  # below ZeRO-3 the EMA is the same on every rank
+            self.ema.load_state_dict(state["ema"] if "ema" in state else
+                                     checkpoint.rank_state(self.out, tag, 0)["ema"])
+        if why == "resume":
+            self.lr_scale = meta.get("lr_scale", 1.0)
+            self.nonfinite.total = meta.get("skipped_nonfinite", 0)
+            for change in nonfinite.changed_settings(meta.get("config", {}), to_dict(self.cfg)):
+                log.warning(f"resume: {change} (applied from step {self.step + 1})")
+        nonfinite.apply_settings(self.engines, self.settings, self.lr_scale)
+        return state
 
     def _on_signal(self, signum, _frame) -> None:
-        self._signal = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._signal == "SIGINT" and now - self._sigint_at > 2.0:  # a second Ctrl-C
+                os.write(2, b"\nsecond Ctrl-C: exiting now, without a checkpoint\n")
+                os._exit(130)
+            if self._signal is None:  # the same Ctrl-C may arrive twice (tty + launcher)
+                self._sigint_at = now
+                os.write(2, b"\nCtrl-C: checkpoint at the next step boundary, then exit "
+                            b"(Ctrl-C again to exit at once)\n")
+        self._signal = self._signal or signal.Signals(signum).name
 
     def _signal_agreed(self) -> bool:
         """A scheduler's warning (SIGUSR1) or SIGTERM may reach ranks at different times:
@@ -223,6 +304,7 @@ class Trainer:
         gbs = self.cfg.train.micro_batch_size * self.cfg.train.grad_accum * self.world
         metrics["step_time_s"] = step_time
         metrics["samples_per_s"] = gbs / step_time if step_time > 0 else 0.0
+        metrics["train/skipped_nonfinite"] = self.nonfinite.total
         self.tracker.log(self.step, metrics)
         self.skips.check(totals)  # the same global figures on every rank: all stop together
 
@@ -257,6 +339,7 @@ class Trainer:
         if self.ema is not None and (self.ema.partitioned or self.rank == 0):
             rank_state["ema"] = self.ema.state_dict()
         meta = {"wandb_run_id": self.tracker.run_id, "config": to_dict(self.cfg),
+                "lr_scale": self.lr_scale, "skipped_nonfinite": self.nonfinite.total,
                 "ema": self.ema is not None,
                 "ema_partitioned": bool(self.ema and self.ema.partitioned)}
         if self.keys_file is not None:
@@ -266,6 +349,8 @@ class Trainer:
         log.info(f"saved {cdir} in {time.perf_counter() - t0:.1f}s")
 
     def close(self) -> None:
+        if getattr(self, "watchdog", None) is not None:
+            self.watchdog.close()
         self.tracker.close()
         if self.keys_file is not None:
             self.keys_file.close()

@@ -7,7 +7,10 @@ Layout under <run.output_dir>/checkpoints/:
     latest                          name of the newest complete checkpoint
 
 `latest` is replaced atomically (write + fsync + os.replace) only after every rank has
-finished writing, so a crash mid-save leaves the previous checkpoint loadable.
+finished writing, so a crash mid-save leaves the previous checkpoint loadable. A checkpoint
+is complete once its meta.json exists (written after every rank's files); a directory
+without one (a rank killed mid-save) is never loaded, and is removed by the next
+successful save, which never removes a complete checkpoint beyond `keep_last`.
 """
 
 from __future__ import annotations
@@ -102,11 +105,18 @@ def save(output_dir: str | Path, step: int, engines: Mapping[str, Any], rank_sta
     return cdir
 
 
+def is_complete(cdir: Path) -> bool:
+    return (cdir / "meta.json").is_file()
+
+
 def _prune(root: Path, keep_last: int, keep: str) -> None:
-    tags = sorted(p.name for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name))
-    for tag in tags[:-keep_last]:
-        if tag != keep:
-            shutil.rmtree(root / tag, ignore_errors=True)
+    """After `keep` is complete and named by `latest`: drop the complete checkpoints beyond
+    the newest `keep_last`, and every incomplete directory (a save that was killed)."""
+    dirs = sorted(p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name))
+    complete = [p for p in dirs if is_complete(p)]
+    for p in dirs:
+        if p.name != keep and (not is_complete(p) or p in complete[:-keep_last]):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def read_meta(output_dir: str | Path, tag: str) -> Dict[str, Any]:

@@ -8,8 +8,11 @@ the launcher-less case so DeepSpeed never tries MPI discovery.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import socket
+import threading
+import time
 
 import torch
 
@@ -49,8 +52,13 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def init(timeout_minutes: int = 30) -> None:
-    """NCCL on CUDA, gloo on CPU; idempotent."""
+class CollectiveError(RuntimeError):
+    """A collective failed: a peer died, or it did not answer within dist.timeout_s."""
+
+
+def init(timeout_s: float = 1800) -> None:
+    """NCCL on CUDA, gloo on CPU; idempotent. Every collective (ours and DeepSpeed's) fails
+    after `timeout_s` instead of waiting forever for a stalled rank."""
     import deepspeed
     import deepspeed.comm as dscomm
 
@@ -61,7 +69,7 @@ def init(timeout_minutes: int = 30) -> None:
         torch.cuda.set_device(local_rank())
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                               timeout=datetime.timedelta(minutes=timeout_minutes))
+                               timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def barrier() -> None:
@@ -78,6 +86,48 @@ def all_reduce(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device())
     tdist.all_reduce(t)
     return t.tolist()
+
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """The backends' errors for a dead or stalled peer (gloo raises RuntimeError with its
+    source path in the message, NCCL a DistBackendError)."""
+    import torch.distributed as tdist
+    if isinstance(exc, getattr(tdist, "DistError", ())):
+        return True
+    msg = str(exc)
+    return isinstance(exc, RuntimeError) and ("gloo/transport" in msg or "Timed out" in msg)
+
+
+class Watchdog:
+    """Ends this process when the loop makes no progress for `timeout_s`: covers hangs that
+    no collective timeout reports (NCCL's watchdog aborts without naming our step, a stuck
+    read). `beat(where)` marks progress; the message names the last `where`."""
+
+    def __init__(self, timeout_s: float, exit_code: int = 3):
+        self.timeout_s, self.exit_code = timeout_s, exit_code
+        self.where, self.last = "start", time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="unilip-watchdog", daemon=True)
+        self._thread.start()
+
+    def beat(self, where: str) -> None:
+        self.where, self.last = where, time.monotonic()
+
+    def _run(self) -> None:
+        # a margin past the collective timeout, so a backend's own error (which names the
+        # failed call) is reported first where it can be
+        limit = self.timeout_s + max(5.0, 0.1 * self.timeout_s)
+        while not self._stop.wait(1.0):
+            if time.monotonic() - self.last > limit:
+                logging.getLogger("unilip_ds").error(
+                    f"error: rank {rank()}: no progress for {limit:.0f}s at {self.where} "
+                    f"(dist.timeout_s={self.timeout_s:g}: a rank stalled or a collective hangs); exiting")
+                logging.shutdown()
+                os._exit(self.exit_code)
+
+    def close(self) -> None:
+        self._stop.set()
 
 
 def set_torch_threads(requested: int, data_workers: int) -> int:
