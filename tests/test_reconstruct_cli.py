@@ -129,3 +129,20 @@ def test_cli_entry_point(export, inputs, tmp_path):
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: --images: no such file or directory {d / 'nope.png'}"]
+
+
+def test_each_export_component_loads_with_from_pretrained(export):
+    """vision/, adapter/ and decoder/ are save_pretrained directories (config.json + weights):
+    the library classes load each one alone."""
+    from transformers import InternVLForConditionalGeneration
+    from unilip_ds.engine.weights import full_state_dict
+    from unilip_ds.models.unilip import Adapter, DCAEDecoder
+    ckpt, model = export
+    assert all((ckpt / c / "config.json").is_file() for c in ("vision", "adapter", "decoder"))
+    internvl = InternVLForConditionalGeneration.from_pretrained(ckpt / "vision")
+    for part in ("vision_tower", "multi_modal_projector"):
+        got, want = getattr(internvl.model, part).state_dict(), getattr(model.vision, part).state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    for cls, comp, name in ((Adapter, model.adapter, "adapter"), (DCAEDecoder, model.dcae, "decoder")):
+        got, want = full_state_dict(cls.from_pretrained(ckpt / name)), full_state_dict(comp)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

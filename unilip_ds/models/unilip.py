@@ -99,6 +99,7 @@ class VisionPath(nn.Module):
     def __init__(self, flavor: Flavor):
         super().__init__()
         config = internvl_config(flavor)
+        self.__dict__["internvl_config"] = config  # not a submodule; written with the export
         self.downsample_ratio = config.downsample_ratio
         self.vision_tower = InternVLVisionModel(config.vision_config)
         self.multi_modal_projector = InternVLMultiModalProjector(config)
@@ -124,6 +125,20 @@ class HFVisionLayout(nn.Module):
     def __init__(self, vision: VisionPath):
         super().__init__()
         self.model = vision
+
+    def save_pretrained(self, out_dir: str | Path, safe_serialization: bool = True) -> None:
+        """model.safetensors and InternVL's config.json, like any save_pretrained directory:
+        `InternVLForConditionalGeneration.from_pretrained(dir)` loads this vision path (its
+        language model, absent here, is initialised; `load_vision_into_internvl` puts the
+        vision path into a real InternVL3)."""
+        import json
+        from unilip_ds.engine.weights import full_state_dict, write_safetensors
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_safetensors(full_state_dict(self), out / "model.safetensors")
+        config = self.model.internvl_config.to_dict()
+        config["architectures"] = ["InternVLForConditionalGeneration"]
+        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def load_vision_into_internvl(internvl: nn.Module, path: str | Path) -> None:
