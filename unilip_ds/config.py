@@ -54,8 +54,8 @@ class TrainConfig:
     stop_after: int = 0
     eval_every: int = 0  # 0 = no periodic evaluation (on data.eval.urls, EMA weights)
     eval_batches: int = 8  # held-out batches per evaluation
-    # generator: sample grids for fixed prompts (gen.sample_prompts) every this many steps
-    # (0 = never), PNGs under <run.output_dir>/samples/ and in W&B
+    # image grids every this many steps (0 = never), PNGs under <run.output_dir>/samples/ and
+    # in W&B: gen, samples for gen.sample_prompts; recon, originals over reconstructions
     sample_every: int = 0
     # torch's intra-op threads per process; 0 = the cores of this process's share of the node
     # (cores / local ranks) minus one per data worker, at least 1 (launchers differ: torchrun
@@ -121,6 +121,11 @@ class WandbConfig:
 
 
 @dataclass
+class TensorBoardConfig:
+    enabled: bool = False  # event files under <run.output_dir>/tensorboard, beside W&B
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -132,6 +137,7 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
     recon: ReconConfig = field(default_factory=ReconConfig)
     gen: GenConfig = field(default_factory=GenConfig)
 
