@@ -76,3 +76,40 @@ def test_torch_threads_are_chosen_not_inherited(monkeypatch):
             load_config(None, ["train.torch_threads=-1"])
     finally:
         torch.set_num_threads(before)
+
+
+WARN_STEPS = r"""
+import os, sys, warnings
+import torch, torch.distributed as d
+from unilip_ds.engine.dist import free_port
+from unilip_ds.tracking import show_warnings_once
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+d.init_process_group("gloo", rank=0, world_size=1)
+
+def step():  # what DeepSpeed's ZeRO-3 does every step: a deprecated collective, and some
+    with warnings.catch_warnings():  # library code enters catch_warnings (which resets
+        pass  # Python's record of warnings already shown)
+    d.all_gather_into_tensor(torch.zeros(2), torch.ones(2))
+
+for phase in ("plain", "once"):
+    if phase == "once":
+        show_warnings_once()
+        show_warnings_once()  # idempotent
+    print(f"--- {phase}", file=sys.stderr, flush=True)
+    for _ in range(4):
+        step()
+"""
+
+
+def test_library_warnings_are_shown_once_per_process():
+    import subprocess
+    import sys
+
+    from tests.launch_util import REPO, env
+    proc = subprocess.run([sys.executable, "-c", WARN_STEPS], cwd=REPO, env=env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain, once = proc.stderr.split("--- once")
+    count = lambda s: s.count("FutureWarning: `torch.distributed.all_gather_into_tensor` is deprecated")  # noqa: E731
+    assert count(plain) == 4  # without: at every step
+    assert count(once) == 1

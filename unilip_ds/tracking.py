@@ -11,6 +11,7 @@ import os
 import sys
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -26,6 +27,26 @@ def setup_logging(rank: int) -> None:
                         force=True)
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    show_warnings_once()
+
+
+def show_warnings_once() -> None:
+    """Each warning (category + text) is printed once per process. Python's own `once` /
+    `default` bookkeeping is reset whenever code enters `warnings.catch_warnings()`, which
+    libraries do every step, so e.g. torch's FutureWarning for `all_gather_into_tensor`,
+    raised inside DeepSpeed, would otherwise repeat at every step on every rank."""
+    show = warnings.showwarning
+    if getattr(show, "once_per_process", False):
+        return
+    seen = set()
+
+    def show_once(message, category, filename, lineno, file=None, line=None):
+        if (category, str(message)) not in seen:
+            seen.add((category, str(message)))
+            show(message, category, filename, lineno, file, line)
+
+    show_once.once_per_process = True  # type: ignore[attr-defined]
+    warnings.showwarning = show_once
 
 
 def _fmt(v: Any) -> str:
