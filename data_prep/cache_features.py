@@ -43,11 +43,13 @@ def parse(argv=None):
     ap.add_argument("--src", action="append", required=True,
                     help="source shards (brace pattern, glob, directory, s3:// prefix, manifest); repeatable")
     ap.add_argument("--dst", required=True, help="cache directory or s3:// prefix")
-    ap.add_argument("--what", default="latents", help="latents | latents,prefix (= prefix)")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--what", default="latents",
+                    help="latents (target latents, edit reference features) | prefix (+ the frozen LLM's "
+                         "prompt prefix; = latents,prefix)")
+    ap.add_argument("--batch-size", type=int, default=16, help="samples per forward pass (default 16)")
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="stored dtype (default bf16)")
     ap.add_argument("--device", default=None, help="default: this rank's CUDA device, else cpu")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     ap.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     return ap.parse_intermixed_args(argv)
 

@@ -1,11 +1,9 @@
 #!/usr/bin/env python
 """BLIP3o-style text-to-image data -> validated shards + manifest.
 
-    python data_prep/shard_blip3o.py --src /raw/blip3o_long/ --dst s3://bucket/blip3o_long \
+    python data_prep/shard_blip3o.py --src /raw/blip3o_long/ --dst s3://bucket/blip3o_long \\
         --resize 1024 --shard-size 1000
 
---src: tars of `jpg` + `txt` members (BLIP3o-Pretrain, BLIP3o-60k), folders of
-`<name>.jpg` + `<name>.txt`, or json records naming image + caption; local or s3://.
 Re-running finishes an interrupted run (shards verified by the manifest are kept).
 """
 
@@ -17,4 +15,4 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data_prep.sharding import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main("t2i", __doc__.splitlines()[1]))
+    sys.exit(main("t2i", __doc__))

@@ -1,13 +1,11 @@
 #!/usr/bin/env python
 """Image-editing data (GPT-Image-Edit-style json + image folders) -> shards + manifest.
 
-    python data_prep/shard_edit.py --src /raw/gpt-edit/jsons/ --image-root /raw/gpt-edit \
+    python data_prep/shard_edit.py --src /raw/gpt-edit/jsons/ --image-root /raw/gpt-edit \\
         --dst s3://bucket/gpt_edit --resize 1024
 
-Each json (a list of records, or jsonl) names an input image, an output image and an
-instruction; field names are detected from common layouts or given with --input-field,
---output-field, --text-field. Image paths are relative to --image-root (default: the
-json's folder). Output samples: `input.jpg`, `output.jpg`, `txt`.
+Json field names are detected (the names below) or given with --input-field,
+--output-field, --text-field. Re-running finishes an interrupted run.
 """
 
 import os
@@ -18,4 +16,4 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data_prep.sharding import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main("edit", __doc__.splitlines()[1]))
+    sys.exit(main("edit", __doc__))

@@ -315,14 +315,36 @@ def parse_size(text: str) -> Tuple[int, int]:
     return 0, int(float(m.group(1)) * base ** ("kmgt".index(unit[0]) + 1))
 
 
+def input_layouts(kind: Optional[str]) -> str:
+    """The --src layouts a kind accepts (the --help epilog)."""
+    from data_prep.sources import FIELDS, IMAGE_EXTS
+    field = lambda role, what: f"             {what}: {', '.join(FIELDS[role])}\n"  # noqa: E731
+    json_ = ("  json     a list of records (or .jsonl{})\n"
+             "           image paths relative to --image-root; the fields tried:\n")
+    t2i = ("t2i --src layouts (files, brace or glob patterns, directories, s3:// prefixes):\n"
+           f"  tars     webdataset tars of <key>.jpg + <key>.txt (BLIP3o-Pretrain, BLIP3o-60k)\n"
+           f"  folders  <stem>.jpg + <stem>.txt pairs at any depth ({'/'.join(IMAGE_EXTS)})\n"
+           + json_.format("") + field("image", "image") + field("text", "caption") +
+           "  output   <key>.jpg, <key>.txt, <key>.json (provenance)")
+    edit = ("edit --src layouts (files, brace or glob patterns, directories, s3:// prefixes):\n"
+            "  tars, folders  <key>.input.jpg + <key>.output.jpg + <key>.txt\n"
+            + json_.format("; GPT-Image-Edit, ShareGPT-4o-Image") +
+            field("input", "input image") + field("output", "output image") + field("text", "instruction") +
+            "  output   <key>.input.jpg, <key>.output.jpg, <key>.txt, <key>.json")
+    return {"t2i": t2i, "edit": edit}.get(kind or "", t2i + "\n\n" + edit)
+
+
 def build_parser(description: str, kind: Optional[str]) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    p = argparse.ArgumentParser(description=description, epilog=input_layouts(kind),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     if kind is None:
-        p.add_argument("--kind", choices=("t2i", "edit"), required=True)
+        p.add_argument("--kind", choices=("t2i", "edit"), required=True,
+                       help="t2i: image + caption samples; edit: input + output image + instruction")
     p.add_argument("--src", nargs="+", required=True,
                    help="tar / json files, brace or glob patterns, directories or s3:// "
-                        "prefixes (local, file:// or s3://)")
-    p.add_argument("--dst", required=True, help="output directory or s3:// prefix")
+                        "prefixes (local, file:// or s3://); layouts below")
+    p.add_argument("--dst", required=True, help="output directory or s3:// prefix (shards + manifest.json); "
+                                                "nothing is written outside it")
     p.add_argument("--resize", type=int, default=None,
                    help="re-encode images whose longer side exceeds N to N")
     p.add_argument("--shard-size", type=parse_size, default=(1000, 0),
@@ -336,10 +358,12 @@ def build_parser(description: str, kind: Optional[str]) -> argparse.ArgumentPars
     p.add_argument("--image-root", default=None,
                    help="json sources: image paths are relative to this (default: the "
                         "json file's folder)")
-    for role in ("input", "output", "image", "text"):
+    roles = {"t2i": ("image", "text"), "edit": ("input", "output", "text")}.get(kind or "",
+                                                                              ("input", "output", "image", "text"))
+    for role in roles:
         p.add_argument(f"--{role}-field", default=None,
-                       help=f"json sources: record field of the {role} (default: common names)")
-    p.add_argument("--no-progress", action="store_true")
+                       help=f"json sources: record field of the {role} (default: the names below)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     return p
 
 
@@ -353,7 +377,7 @@ def main(kind: Optional[str], description: str, argv: Optional[List[str]] = None
         shard_bytes=nbytes, prefix=args.prefix, workers=args.workers, verify=args.verify,
         image_root=args.image_root, progress=not args.no_progress,
         fields={r: getattr(args, f"{r}_field") for r in ("input", "output", "image", "text")
-                if getattr(args, f"{r}_field")})
+                if getattr(args, f"{r}_field", None)})
     try:
         manifest = run(cfg)
     except (PrepError, StorageError) as exc:

@@ -113,3 +113,24 @@ def test_library_warnings_are_shown_once_per_process():
     count = lambda s: s.count("FutureWarning: `torch.distributed.all_gather_into_tensor` is deprecated")  # noqa: E731
     assert count(plain) == 4  # without: at every step
     assert count(once) == 1
+
+
+@pytest.mark.parametrize("script, kind, absent", [
+    ("shard_blip3o", "t2i", ("--input-field", "--output-field", "edit --src")),
+    ("shard_edit", "edit", ("--image-field", "t2i --src")),
+    ("shard_sft", None, ()),
+])
+def test_data_prep_help_describes_every_option_and_the_input_layouts(script, kind, absent):
+    import importlib
+
+    from data_prep.sharding import build_parser
+    doc = importlib.import_module(f"data_prep.{script}").__doc__
+    parser = build_parser(doc, kind)
+    assert all(a.help for a in parser._actions), [a.option_strings for a in parser._actions if not a.help]
+    text = parser.format_help()
+    assert doc.splitlines()[0] in text  # the description
+    layouts = {"t2i": ["<stem>.jpg + <stem>.txt", "webdataset tars of <key>.jpg + <key>.txt", "input_prompt"],
+               "edit": ["<key>.input.jpg + <key>.output.jpg + <key>.txt", "edited_image"]}
+    for k in (kind,) if kind else ("t2i", "edit"):
+        assert all(s in text for s in layouts[k]), text
+    assert not any(s in text for s in absent), text
