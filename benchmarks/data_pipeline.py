@@ -153,16 +153,16 @@ def plain_loader(urls: List[str], args) -> Iterator[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=256)
-    ap.add_argument("--source-size", type=int, default=1024)
-    ap.add_argument("--resolution", type=int, default=224)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--shuffle", type=int, default=256)
-    ap.add_argument("--per-shard", type=int, default=32)
-    ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=256, help="JPEG source images to generate (256)")
+    ap.add_argument("--source-size", type=int, default=1024, help="their side in px (1024)")
+    ap.add_argument("--resolution", type=int, default=224, help="training resolution decoded to (224)")
+    ap.add_argument("--workers", type=int, default=2, help="loader worker processes (2)")
+    ap.add_argument("--batch", type=int, default=32, help="images per batch (32)")
+    ap.add_argument("--shuffle", type=int, default=256, help="shuffle block / buffer in samples (256)")
+    ap.add_argument("--per-shard", type=int, default=32, help="images per shard (32)")
+    ap.add_argument("--seconds", type=float, default=5.0, help="timed seconds per figure and round (5)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each figure keeps its best (3)")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
