@@ -20,8 +20,10 @@ $(VENV)/.installed: requirements.txt setup.py
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
+# make demo OUT=<dir>: where the demo writes (a new or empty folder)
+OUT ?= demo_out
 demo: venv
-	$(PY) launch/demo.py
+	$(PY) launch/demo.py --out $(OUT)
 
 test: venv
 	$(PY) -m pytest -ra --durations=15 tests

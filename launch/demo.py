@@ -4,7 +4,10 @@
      deterministic edit set (each photo flipped horizontally or upside down), sharded by
      data_prep/shard_blip3o.py and shard_edit.py into a local S3 server (SeaweedFS);
   2. recon_stage1 -> recon_stage2 on the tiny flavor, 2 processes, read from S3,
-     each stage exported and the next started from the export (EMA weights);
+     each stage exported and the next started from the export (EMA weights); each
+     evaluation scores (PSNR) and writes originals over reconstructions of a view of
+     training photos and of the held-out photos, and the PSNR of both before and after
+     each stage is printed;
   3. reconstructions of held-out photos next to the originals;
   4. gen_stage1 -> gen_stage2 (T2I + edit) on the tiny flavors, the MLLM's vision path being
      the recon_stage2 export, each stage exported as a UniLIPPipeline directory; gen_stage2
@@ -12,7 +15,11 @@
   5. images generated from the held-out captions, and the held-out photos edited, written
      next to their inputs as one PNG grid; the edit is scored against copying the input.
 
-    python launch/demo.py [--out demo_out] [--nproc 2] [--stage1-steps 240] [--stage2-steps 60]
+Training runs stream their progress (step/max, loss, ETA, eval metrics) to the console; the
+full output goes to <out>/demo.log. Each run's plots (python -m unilip_ds.plot) are written
+to <out>/runs/<stage>/plots/.
+
+    python launch/demo.py [--out demo_out] [--nproc 2] [--stage1-steps 400] [--stage2-steps 100]
                           [--gen1-steps 40] [--gen2-steps 1200]
 """
 
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -30,14 +38,45 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 HELD_OUT = ("chelsea", "coffee", "astronaut")  # photos never seen in training
+TRAIN_VIEW = 8  # training photos also evaluated: what the model learnt beside how it generalises
 
 
-def sh(cmd, env, log: Path) -> None:
+# the trainer's rank-0 console lines (unilip_ds/tracking.py): "[eval ]step N/max elapsed [ETA t] k=v ..."
+PROGRESS = re.compile(r"\[rank0\] (eval )?step (\d+)/(\d+) (\S+)(?: ETA (\S+))? (.*)$")
+SHOWN = re.compile(r"^(loss/total|loss/flow|eval/(?:\w+/)?psnr|eval/flow)$")  # what the console shows
+
+
+def progress(line: str, label: str, shown: set) -> None:
+    """Echo a training run's progress: about every tenth of the run, and every evaluation."""
+    m = PROGRESS.search(line)
+    if not m:
+        return
+    is_eval, step, total, elapsed, eta, rest = m.groups()
+    step, total = int(step), int(total)
+    tenth = step * 10 // total
+    if not is_eval and (tenth in shown and step < total):
+        return
+    shown.add(tenth)
+    values = dict(kv.split("=", 1) for kv in rest.split() if "=" in kv)
+    text = " ".join(f"{k}={v}" for k, v in values.items() if SHOWN.match(k))
+    when = f"ETA {eta}" if eta else f"{elapsed} elapsed"
+    print(f"  {label} {'eval at ' if is_eval else ''}step {step}/{total} {text}"
+          f"{'' if is_eval else '  ' + when}", flush=True)
+
+
+def sh(cmd, env, log: Path, label: str = "") -> None:
+    """Run a step, its output appended to the log; a training run's progress also echoed."""
     t0 = time.time()
     print(f"$ {' '.join(str(c) for c in cmd)}", flush=True)
+    shown: set = set()
     with open(log, "a") as f:
-        proc = subprocess.run([str(c) for c in cmd], cwd=REPO, env=env, stdout=f,
-                              stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, errors="replace")
+        for line in proc.stdout:
+            f.write(line)
+            if label:
+                progress(line, label, shown)
+        proc.wait()
     if proc.returncode != 0:
         print(f"demo: step failed (rc {proc.returncode}); last lines of {log}:", file=sys.stderr)
         print("\n".join(log.read_text().splitlines()[-30:]), file=sys.stderr)
@@ -46,16 +85,20 @@ def sh(cmd, env, log: Path) -> None:
 
 
 def write_images(dst: Path, count: int) -> None:
-    from unilip_ds.data.sample_images import jpeg_bytes, samples
-    (dst / "train").mkdir(parents=True)
-    (dst / "heldout").mkdir(parents=True)
-    for s in samples(count, seed=0):
+    from unilip_ds.data.sample_images import PHOTOS, jpeg_bytes, samples
+    for part in ("train", "heldout", "train_view"):
+        (dst / part).mkdir(parents=True)
+    photos = len(PHOTOS)
+    for i, s in enumerate(samples(count, seed=0)):
         part = "heldout" if s.key.split("_")[0] in HELD_OUT else "train"
         if part == "heldout" and (dst / part / f"{s.key.split('_')[0]}.jpg").exists():
             continue  # variants of held-out photos are left out altogether
         name = s.key.split("_")[0] if part == "heldout" else s.key
-        (dst / part / f"{name}.jpg").write_bytes(jpeg_bytes(s.image))
-        (dst / part / f"{name}.txt").write_text(s.caption + "\n")
+        views = [part] + (["train_view"] if part == "train" and i < photos and
+                          len(list((dst / "train_view").glob("*.jpg"))) < TRAIN_VIEW else [])
+        for view in views:  # the train view: the first training photos (not their variants)
+            (dst / view / f"{name}.jpg").write_bytes(jpeg_bytes(s.image))
+            (dst / view / f"{name}.txt").write_text(s.caption + "\n")
 
 
 # per task: (cache set, level): latents for T2I, the prompt prefix too for edit
@@ -70,6 +113,26 @@ def write_edit_images(dst: Path, count: int) -> None:
     from unilip_ds.data.sample_images import write_flip_edit_folder
     write_flip_edit_folder(dst / "train", count=count, keep=lambda s: s.key.split("_")[0] not in HELD_OUT)
     write_flip_edit_folder(dst / "heldout", keep=lambda s: s.key.split("_")[0] in HELD_OUT)  # the originals
+
+
+def evals(run_dir: Path, key: str) -> list:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if key in r]
+
+
+def recon_summary(stage: str, run_dir: Path) -> str:
+    """PSNR of the training view and the held-out photos at the first and last evaluation."""
+    rows = evals(run_dir, "eval/psnr")
+    first, last = rows[0], rows[-1]
+    views = [f"{name} {first[f'eval/{key}/psnr']:.2f} -> {last[f'eval/{key}/psnr']:.2f} dB"
+             for key, name in (("train_view", "training view"), ("heldout", "held-out"))]
+    return f"{stage}: PSNR (step {first['step']} -> {last['step']}) " + ", ".join(views)
+
+
+def plot(run_dir: Path) -> Path:
+    """The run's loss / eval plots (python -m unilip_ds.plot); returns the overview."""
+    from unilip_ds.plot import plot_run
+    return [p for p in plot_run(run_dir) if p.name == "overview.png"][0]
 
 
 def psnr(a, b) -> float:
@@ -120,7 +183,8 @@ def generator_demo(out: Path, args, env, log: Path, bin_dir: Path, recon_common,
                     "model.flavor=tiny", "data.resolution=224", *init], env, log)
         sh([bin_dir / "torchrun", "--nproc_per_node", args.nproc, "launch/train.py", "--config", stage,
             "--ds_config", "ds_configs/zero2.json", *GEN_COMMON, *extra, *init, f"run.output_dir={run_dir}",
-            f"train.max_steps={steps}", f"train.eval_every={max(1, steps // 4)}"], env, log)
+            f"train.max_steps={steps}", f"train.eval_every={max(1, steps // 4)}"], env, log, label=stage)
+        print(f"  plots: {plot(run_dir)}", flush=True)
         sh([sys.executable, "launch/export.py", "--run", run_dir, "--out", export_dir], env, log)
         init = [f"model.init_from={export_dir}"]
 
@@ -160,8 +224,8 @@ def main() -> int:
     ap.add_argument("--out", default="demo_out")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--images", type=int, default=200, help="training samples (photos + variants)")
-    ap.add_argument("--stage1-steps", type=int, default=240)
-    ap.add_argument("--stage2-steps", type=int, default=60)
+    ap.add_argument("--stage1-steps", type=int, default=400)
+    ap.add_argument("--stage2-steps", type=int, default=100)
     ap.add_argument("--gen1-steps", type=int, default=40)
     ap.add_argument("--gen2-steps", type=int, default=1200)
     args = ap.parse_args()
@@ -182,25 +246,30 @@ def main() -> int:
         env = {**os.environ, **s3.env(), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
         env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
         print(f"S3 server (SeaweedFS) at {s3.endpoint}, bucket s3://demo", flush=True)
-        for part in ("train", "heldout"):
+        for part in ("train", "heldout", "train_view"):
             sh([sys.executable, "data_prep/shard_blip3o.py", "--src", out / "images" / part,
                 "--dst", f"s3://demo/shards/{part}/", "--shard-size", "32", "--no-progress"], env, log)
 
         common = ["model.flavor=tiny", "model.perceptual_pretrained=false", "data.num_workers=1",
                   "data.shuffle_buffer=64", "data.train.urls=[s3://demo/shards/train/]",
-                  "data.eval.urls=[s3://demo/shards/heldout/]", "train.micro_batch_size=4",
-                  "train.precision=fp32", "train.log_every=20", "optim.lr=3e-4",
-                  "optim.warmup_steps=20", "checkpoint.every_steps=100", "wandb.mode=offline"]
+                  "data.eval.sources=[{name: train_view, urls: [s3://demo/shards/train_view/]}, "
+                  "{name: heldout, urls: [s3://demo/shards/heldout/]}]", "train.micro_batch_size=4",
+                  "train.precision=fp32", "train.log_every=20", "optim.warmup_steps=20",
+                  "checkpoint.every_steps=100", "wandb.mode=offline"]
         runs = {}
         init = []
         for stage, steps, extra in (
-                ("recon_stage1", args.stage1_steps, []),
-                ("recon_stage2", args.stage2_steps, [f"recon.gan_start_step={args.stage2_steps // 2}"])):
+                # stage 1: a high LR, the random tiny encoder being frozen; stage 2 fine-tunes
+                # everything at a lower LR and adds the GAN for its last quarter
+                ("recon_stage1", args.stage1_steps, ["optim.lr=1e-3"]),
+                ("recon_stage2", args.stage2_steps, ["optim.lr=1e-4",
+                                                     f"recon.gan_start_step={3 * args.stage2_steps // 4}"])):
             run_dir = out / "runs" / stage
             sh([bin_dir / "torchrun", "--nproc_per_node", args.nproc, "launch/train.py",
                 "--config", stage, "--ds_config", "ds_configs/zero2.json", *common, *extra, *init,
                 f"run.output_dir={run_dir}", f"train.max_steps={steps}",
-                f"train.eval_every={max(1, steps // 4)}"], env, log)
+                f"train.eval_every={max(1, steps // 4)}"], env, log, label=stage)
+            print(f"  {recon_summary(stage, run_dir)}\n  plots: {plot(run_dir)}", flush=True)
             export_dir = out / "exports" / stage
             sh([sys.executable, "launch/export.py", "--run", run_dir, "--out", export_dir], env, log)
             runs[stage] = (run_dir, export_dir)
@@ -214,11 +283,10 @@ def main() -> int:
 
     print("\n== demo finished ==")
     for stage, (run_dir, export_dir) in runs.items():
-        evals = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        evals = [e for e in evals if "eval/psnr" in e]
-        if evals:
-            print(f"{stage}: held-out PSNR {evals[0]['eval/psnr']:.2f} dB at step {evals[0]['step']}"
-                  f" -> {evals[-1]['eval/psnr']:.2f} dB at step {evals[-1]['step']}")
+        print(recon_summary(stage, run_dir))
+        grids = sorted((run_dir / "samples").glob("*_recon_*.png"))
+        print(f"  originals over reconstructions at the last evaluation: {', '.join(str(g) for g in grids[-2:])}")
+        print(f"  plots (loss, PSNR, LR, throughput): {run_dir / 'plots'}")
         print(f"  checkpoints: {run_dir / 'checkpoints'}")
         print(f"  export:      {export_dir}")
         wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
@@ -227,11 +295,11 @@ def main() -> int:
     grids = sorted(recon_dir.glob("*grid*.png"))
     print(f"side-by-side originals | reconstructions: {grids[0] if grids else recon_dir}")
     for stage in ("gen_stage1", "gen_stage2"):
-        evals = [json.loads(x) for x in (out / "runs" / stage / "metrics.jsonl").read_text().splitlines()]
-        evals = [e for e in evals if "eval/flow" in e]
-        if evals:
-            print(f"{stage}: held-out flow loss {evals[0]['eval/flow']:.4f} at step {evals[0]['step']} -> "
-                  f"{evals[-1]['eval/flow']:.4f} at step {evals[-1]['step']}")
+        rows = evals(out / "runs" / stage, "eval/flow")
+        if rows:
+            print(f"{stage}: held-out flow loss {rows[0]['eval/flow']:.4f} at step {rows[0]['step']} -> "
+                  f"{rows[-1]['eval/flow']:.4f} at step {rows[-1]['step']}")
+        print(f"  plots: {out / 'runs' / stage / 'plots'}")
         print(f"  export (UniLIPPipeline.from_pretrained): {out / 'exports' / stage}")
     rows = [json.loads(x) for x in (out / "runs" / "gen_stage2" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "data/cached_latents" in r]
