@@ -6,16 +6,22 @@ on 1 rank (2 workers, ZeRO-3) and on 3 ranks (ZeRO-2), keys of the epoch and the
 
 from __future__ import annotations
 
+import json
 from collections import Counter
-from typing import Dict, List, Tuple
+from pathlib import Path
+from typing import Dict, List
 
 import pytest
 
+from tests.launch_util import check, run, tiny_recon_args
 from tests.test_data_stream import all_keys, make_data_cfg, write_shards
+from unilip_ds.config import from_dict
 from unilip_ds.data.config import SourceConfig
 from unilip_ds.data.elastic import redistribute
 from unilip_ds.data.skips import SkipStats
 from unilip_ds.data.stream import SourceStream
+from unilip_ds.engine import checkpoint
+from unilip_ds.engine.engines import lr_factor
 
 
 def _readers(states: List[dict], srcs, urls, cfg, n: int) -> List[List[SourceStream]]:
@@ -73,3 +79,73 @@ def test_stream_remainder_is_every_sample_once(tmp_path, chain):
         for epoch in range(hi + 2):  # the planned epochs and the first one of the new split
             got = Counter({k: c for (name, e, k), c in seen.items() if name == src.name and e == epoch})
             assert got == keys, f"{src.name} epoch {epoch}: {got - keys} twice, {keys - got} missing"
+
+
+# -- the whole run -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def epoch_shards(tmp_path_factory):
+    """One epoch = 8 shards x 6 samples = 8 steps of a global batch of 6."""
+    from unilip_ds.data.sample_images import write_caption_tars
+    d = tmp_path_factory.mktemp("epoch")
+    write_caption_tars(d, count=48, per_tar=6, size=256)
+    return str(d)
+
+
+def _args(out: Path, shards: str, ds: str, accum: int, workers: int, extra=(), buffer=6) -> List[str]:
+    """Global batch 6 = ranks x 1 x accum; held-out SSIM (EMA weights)."""
+    mine = {"train.micro_batch_size": 1, "train.grad_accum": accum, "data.num_workers": workers,
+            "data.shuffle_buffer": buffer, "checkpoint.every_steps": 8, "optim.lr": 2e-3,
+            "optim.min_lr": 1e-3, "train.precision": "fp32", "data.log_keys": "true",
+            "data.eval.urls": f"[{shards}]", "train.eval_batches": 4, "train.sample_every": 0,
+            "wandb.mode": "disabled"}
+    base = [a for a in tiny_recon_args(out, shards, steps=8, ds=ds)
+            if a.split("=", 1)[0] not in mine]
+    return base + [f"{k}={v}" for k, v in mine.items()] + list(extra)
+
+
+def _metrics(out: Path) -> Dict[int, dict]:
+    rows: Dict[int, dict] = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        rows.setdefault(r["step"], {}).update(r)
+    return rows
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+@pytest.mark.parametrize("zero,nproc,accum,workers", [("zero3", 1, 6, 2), ("zero2", 3, 2, 1)])
+def test_resume_on_another_world_size(epoch_shards, tmp_path, zero, nproc, accum, workers):
+    """2 ranks train step 1 and stop; the run goes on with `nproc` ranks (x `workers`) to the
+    end of the epoch: every sample of the epoch exactly once, the held-out SSIM goes on from
+    where it was, the EMA and the LR schedule carry over."""
+    out, ds = tmp_path / "run", f"ds_configs/{zero}.json"
+    check(run("launch/train.py", _args(out, epoch_shards, ds, 3, 1, ["train.stop_after=1", "train.eval_every=1"]),
+              nproc=2, launcher="torchrun"))
+    before = _metrics(out)
+    if nproc == 1:  # another global batch is refused, in one line, before anything starts
+        proc = run("launch/train.py", _args(out, epoch_shards, ds, 3, workers))
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert "global batch of 6 (2 ranks x train.micro_batch_size 1 x train.grad_accum 3), this run " \
+               "has 3 (1 ranks x train.micro_batch_size 1 x train.grad_accum 3): keep the global " \
+               "batch, e.g. train.grad_accum=6" in proc.stderr
+
+    # blocks of 7: each new reader's 14 or 21 samples end with a block (a block across the
+    # end of the epoch would mix in the next epoch's samples)
+    proc = check(run("launch/train.py", _args(out, epoch_shards, ds, accum, workers, ["train.eval_every=2"],
+                                              buffer=7), nproc=nproc, launcher="torchrun"))
+    assert "to DeepSpeed's universal format" in proc.stdout and "continue on" in proc.stdout
+    keys = Counter()
+    for f in (out / "keys").glob("rank*.jsonl"):
+        for line in f.read_text().splitlines():
+            keys.update(json.loads(line)["keys"])
+    assert sum(keys.values()) == 48 and len(keys) == 48, keys.most_common(3)  # each exactly once
+    m = _metrics(out)
+    assert sorted(m) == list(range(9))
+    ssim = {s: m[s]["eval/ssim"] for s in (0, 1, 2)}
+    # held-out SSIM (EMA weights) goes on up from where step 1 left it, not back to the start
+    assert ssim[2] > ssim[1] > ssim[0] + 0.04, ssim
+    # the LR schedule goes on: warmup 2 steps, then cosine to min_lr at step 8
+    factor = lr_factor(from_dict(checkpoint.read_meta(out, "step_00000008")["config"]))
+    assert [m[s]["lr/model"] for s in range(1, 9)] == pytest.approx([2e-3 * factor(s) for s in range(8)])
+    ema = checkpoint.rank_state(out, "step_00000008", 0)["ema"]
+    assert ema["updates"] == 8  # carried over (a restarted EMA would count 7)

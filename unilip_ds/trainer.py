@@ -17,6 +17,7 @@ import torch
 
 from unilip_ds.config import Config, ConfigError, config_warnings, to_dict, to_yaml, warn
 from unilip_ds.engine import checkpoint, dist, nonfinite, rundir
+from unilip_ds.engine import elastic
 from unilip_ds.engine.ds_config import check_ds_config, zero_stage
 from unilip_ds.engine.ema import EMA
 from unilip_ds.engine.engines import build_engines, model_init_context
@@ -46,6 +47,7 @@ def prepare(cfg: Config, ds_config_path: str) -> Dict[str, Any]:
         raise ConfigError("ds_config 'zero_optimization.stage': 0 cannot skip a step with a non-finite "
                           "loss or gradient norm (train.on_nonfinite); use ZeRO stage 1, 2 or 3")
     rundir.check_output_dir(cfg, dist.rank())
+    elastic.check_resume(cfg, world)  # e.g. another global batch: one line, now
     for msg in config_warnings(cfg):
         warn(msg)
     build_task(cfg).check_inputs()
@@ -120,7 +122,7 @@ class Trainer:
         if tag is not None:
             state = self._restore(tag, "resume")
             run_id = state["meta"].get("wandb_run_id")
-            self.loader.load_state_dict(state["data"])
+            elastic.restore_data(self.out, tag, state, self.loader, cfg)  # other layouts too
             log.info(f"resumed from {self.out / 'checkpoints' / tag} at step {self.step}")
         self.task.after_load(self.modules)
         self.tracker = Tracker(cfg, self.rank, run_id, start_step=self.step)
@@ -261,8 +263,7 @@ class Trainer:
         meta = state["meta"]
         self.step = meta["step"]
         if self.ema is not None:  # below ZeRO-3 the EMA is the same on every rank
-            self.ema.load_state_dict(state["ema"] if "ema" in state else
-                                     checkpoint.rank_state(self.out, tag, 0)["ema"])
+            elastic.restore_ema(self.out, tag, state, self.ema)
         if why == "resume":
             self.lr_scale = meta.get("lr_scale", 1.0)
             self.nonfinite.total = meta.get("skipped_nonfinite", 0)

@@ -125,22 +125,31 @@ def read_meta(output_dir: str | Path, tag: str) -> Dict[str, Any]:
 
 def load(output_dir: str | Path, tag: str, engines: Mapping[str, Any]) -> Dict[str, Any]:
     """Collective. Restores engine states and RNG; returns (meta, this rank's state)."""
+    from unilip_ds.engine import elastic
     cdir = ckpt_root(output_dir) / tag
     meta = read_meta(output_dir, tag)
-    if meta["world_size"] != dist.world_size():
-        raise CheckpointError(f"{cdir} was written by {meta['world_size']} ranks, this run has "
-                              f"{dist.world_size()}: resume with the same world size")
     if list(meta["engines"]) != list(engines):
         raise CheckpointError(f"{cdir} holds engines {meta['engines']}, this run has {list(engines)}")
+    # ZeRO partitions depend on the world size: another one loads DeepSpeed's universal format
+    same = meta["world_size"] == dist.world_size()
+    zero = [n for n, e in engines.items() if e.zero_optimization_stage() > 0]
+    root = cdir if same or not zero else elastic.to_universal(cdir, zero)
     for name, engine in engines.items():
-        path, _ = engine.load_checkpoint(str(cdir), tag=name, load_optimizer_states=True,
-                                         load_lr_scheduler_states=True)
+        if root is cdir or name not in zero:
+            path, _ = engine.load_checkpoint(str(cdir), tag=name, load_optimizer_states=True,
+                                             load_lr_scheduler_states=True)
+        else:
+            path = elastic.load_universal(engine, root, name)
         if path is None:
             raise CheckpointError(f"{cdir}/{name}: DeepSpeed could not load this engine state")
+    if not same:  # this rank's RNG state is not in the checkpoint: draw fresh streams
+        elastic.reseed(meta["config"]["run"]["seed"], meta["step"], dist.rank())
+        return {"meta": meta}
     state = rank_state(output_dir, tag, dist.rank())
     set_rng_state(state.pop("rng"))
     return {"meta": meta, **state}
 
 
-def rank_state(output_dir: str | Path, tag: str, rank: int) -> Dict[str, Any]:
-    return torch.load(ckpt_root(output_dir) / tag / f"rank{rank:05d}.pt", weights_only=False)
+def rank_state(output_dir: str | Path, tag: str, rank: int, mmap: bool = False) -> Dict[str, Any]:
+    return torch.load(ckpt_root(output_dir) / tag / f"rank{rank:05d}.pt", weights_only=False,
+                      mmap=mmap)

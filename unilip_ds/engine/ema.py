@@ -8,11 +8,13 @@ shadow. `consolidate` reassembles full tensors from the per-rank states offline 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Dict, List
 
 import torch
 from torch import nn
 
+from unilip_ds.engine import dist
 from unilip_ds.engine.weights import is_partitioned
 
 
@@ -71,6 +73,30 @@ class EMA:
                 raise ValueError(f"EMA state: shape of '{n}' is {tuple(t.shape)}, "
                                  f"expected {tuple(self.shadow[n].shape)}")
             self.shadow[n].copy_(t)
+
+
+    def load_from_ranks(self, states: List[dict]) -> None:
+        """Load the EMA of a run with another world size or ZeRO stage: `states` of all its
+        ranks in rank order (one, unpartitioned, or one partition each). Parameter by
+        parameter, so memory-mapped states never come in whole."""
+        first = states[0]
+        if set(first["shadow"]) != set(self.shadow):
+            raise ValueError("EMA state does not match the trainable parameters of the model")
+        rank = dist.rank()
+        for n, t in self.shadow.items():
+            full = first["shadow"][n].reshape(-1) if not first["partitioned"] else \
+                torch.cat([s["shadow"][n].reshape(-1) for s in states])
+            numel = math.prod(first["shapes"][n])
+            if full.numel() < numel:
+                raise ValueError(f"EMA state: '{n}' has {full.numel()} of {numel} elements")
+            full = full[:numel]
+            if is_partitioned(self.params[n]):  # this rank's slice, zero-padded (ZeRO-3 layout)
+                part = full[rank * t.numel():(rank + 1) * t.numel()]
+                t.zero_()
+                t[:part.numel()].copy_(part)
+            else:
+                t.copy_(full.reshape(t.shape))
+        self.updates = first["updates"]
 
 
 def consolidate(states: List[dict]) -> Dict[str, torch.Tensor]:
