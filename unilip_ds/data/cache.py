@@ -29,8 +29,6 @@ LEVELS = ("none", "latents", "prefix")
 MANIFEST = "cache_manifest.json"
 INDEX_SUFFIX = ".index.json"  # per cache shard: key -> [offset, length, digest] of its record
 FORMAT = "unilip_ds.cache/1"
-# why a cached source's sample was computed live
-MISS_REASONS = ("missing_shard", "missing_sample", "unreadable", "corrupt")
 
 
 class CacheError(ValueError):

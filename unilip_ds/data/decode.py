@@ -163,18 +163,23 @@ class Decoder:
         write_chw(resize_crop(img, self.size, rng, flip), out)
 
     def decode_into(self, sample: dict, rng: Optional[np.random.Generator],
-                    out: Dict[str, np.ndarray]) -> Optional[str]:
+                    out: Dict[str, np.ndarray], images: bool = True) -> Optional[str]:
         """Writes the sample's images into `out[field]` ((3,H,W) uint8 arrays) and returns
         its text (None for recon); raises SampleError for bad data (the slots then hold
-        garbage, to be overwritten by the next sample)."""
+        garbage, to be overwritten by the next sample). images=False: the text only (a
+        t2i / edit sample whose image outputs come from a cache; the slots are left as
+        they are)."""
         if self.task == "recon":
             self._image(_field(sample, "", IMAGE_EXTS), rng, out["image"])
             return None
         if self.task == "t2i":
             caption = _text(sample, "caption")  # cheap checks before the decode
-            self._image(_field(sample, "", IMAGE_EXTS), rng, out["image"])
+            if images:
+                self._image(_field(sample, "", IMAGE_EXTS), rng, out["image"])
             return caption
         instruction = _text(sample, "instruction")
+        if not images:
+            return instruction
         src = _field(sample, "input.", IMAGE_EXTS)
         dst = _field(sample, "output.", IMAGE_EXTS)
         # input and output are fitted alike (a crop task would draw the same crop twice)
@@ -223,12 +228,13 @@ class BatchBuilder:
     def full(self) -> bool:
         return len(self.keys) >= self.capacity
 
-    def add(self, sample: dict, rng: Optional[np.random.Generator] = None) -> None:
-        """Decodes `sample` into the next slot; raises SampleError (nothing added)."""
+    def add(self, sample: dict, rng: Optional[np.random.Generator] = None, images: bool = True) -> None:
+        """Decodes `sample` into the next slot (images=False: its text only, see
+        Decoder.decode_into); raises SampleError (nothing added)."""
         i = len(self.keys)
         if i >= self.capacity:
             raise IndexError(f"batch is full ({self.capacity} samples)")
-        text = self.decoder.decode_into(sample, rng, {k: a[i] for k, a in self._arrays.items()})
+        text = self.decoder.decode_into(sample, rng, {k: a[i] for k, a in self._arrays.items()}, images)
         self.keys.append(sample["__key__"])
         if text is not None:
             self.texts.append(text)

@@ -24,6 +24,8 @@ REASONS = (
     "tar_corrupt",      # a tar member or header is broken: the rest of the shard is lost
     "shard_unreadable", # the shard cannot be opened / read (after storage retries)
 )
+# why a sample of a cached source was computed live (data.cache)
+MISS_REASONS = ("missing_shard", "missing_sample", "unreadable", "corrupt")
 # shard-level reasons count shards, the others count samples
 SHARD_REASONS = ("tar_corrupt", "shard_unreadable")
 
@@ -77,14 +79,17 @@ class SkipTracker:
     DataError once the skip rate exceeds the limit (after `check_after` reads).
     """
 
-    def __init__(self, max_skip_rate: float, check_after: int = 1000):
+    def __init__(self, max_skip_rate: float, check_after: int = 1000, cached: bool = False):
         self.max_skip_rate = max_skip_rate
         self.check_after = check_after
+        self.cached = cached  # some source has a cache: report every miss reason (0 too)
         self._workers: Dict[int, dict] = {}
 
     @classmethod
     def from_config(cls, cfg) -> "SkipTracker":
-        return cls(cfg.data.max_skip_rate, cfg.data.skip_check_after)
+        from unilip_ds.data.config import split_sources
+        cached = any(s.cache for s in split_sources(cfg.data.train, "train"))
+        return cls(cfg.data.max_skip_rate, cfg.data.skip_check_after, cached)
 
     def update(self, batch: Mapping) -> None:
         stats = batch.get("__stats__")
@@ -93,14 +98,17 @@ class SkipTracker:
         self._workers[int(stats["worker"])] = stats
 
     def totals(self) -> Dict[str, int]:
+        # the same names on every rank: the trainer sums them in one collective
         out = {f"data/skipped/{r}": 0 for r in REASONS}
+        if self.cached:
+            out.update({f"data/cache_miss/{r}": 0 for r in MISS_REASONS})
         read = 0
         for s in self._workers.values():
             read += s["read"]
             for r, n in s["skipped"].items():
                 out[f"data/skipped/{r}"] += n
             for r, n in s.get("cache_miss", {}).items():
-                out[f"data/cache_miss/{r}"] = out.get(f"data/cache_miss/{r}", 0) + n
+                out[f"data/cache_miss/{r}"] += n
         out["data/read"] = read
         return out
 

@@ -435,15 +435,16 @@ class MixtureStream(IterableDataset):
                 i = candidates[int(rng.choice(len(candidates), p=p))] \
                     if len(candidates) > 1 else candidates[0]
                 raw = next(gens[i])
-                try:
-                    builder.add(raw, rng)
+                record = self._cached(i, raw)
+                try:  # a sample with its record needs no image decode (squash tasks: no rng)
+                    builder.add(raw, rng, images=record is None)
                 except SampleError as exc:
                     self.stats.skip(exc.reason, f"sample {raw['__key__']} of {raw['__url__']}",
                                     exc.detail)
                     continue
                 self.stats.decoded += 1
                 names.append(self.sources[i].name)
-                records.append(self._cached(i, raw))
+                records.append(record)
             self.batch_no = b + 1
             batch = builder.finish()
             batch["__source__"] = names

@@ -157,13 +157,15 @@ class GenTask(Task):
         return groups
 
     # -- stepping ------------------------------------------------------------------------
+    @staticmethod
+    def _texts(batch: dict, null: Optional[torch.Tensor]) -> List[Optional[str]]:
+        """Captions / instructions, None where the row takes the null prompt."""
+        texts = batch["caption"] if batch["__task__"] == "t2i" else batch["instruction"]
+        return list(texts) if null is None else [None if d else t for t, d in zip(texts, null.tolist())]
+
     def _inputs(self, batch: dict, null: Optional[torch.Tensor]):
         task = batch["__task__"]
-        texts = batch["caption"] if task == "t2i" else batch["instruction"]
-        if null is not None:
-            texts = [None if drop else t for t, drop in zip(texts, null.tolist())]
-        device = batch["image"].device
-        prompts = self.prompts()(task, texts).to(device)
+        prompts = self.prompts()(task, self._texts(batch, null)).to(batch["image"].device)
         return prompts, (batch["input_image"] if task == "edit" else None)
 
     def null_mask(self, n: int) -> torch.Tensor:
@@ -176,6 +178,8 @@ class GenTask(Task):
         null = self.null_mask(len(batch["__key__"]))
         model = getattr(engines[MAIN], "module", engines[MAIN])
         cached = self._cached(batch, null, model)
+        frac = {k: cached.pop(k, torch.tensor(0.0)) for k in ("cached_latents", "cached_prefix")}
+        truncated = cached.pop("truncated", 0)
         prompts, ref = (None, None) if "prefix" in cached else self._inputs(batch, null)
         out = engines[MAIN](prompts, image=batch["image"], ref_image=ref,
                             shift=self.cfg.gen.flow_shift_train, **cached)
@@ -183,44 +187,68 @@ class GenTask(Task):
         task = batch["__task__"]
         logs = {"loss/flow": loss.detach(), f"loss/flow_{task}": loss.detach(),
                 "data/cfg_null_frac": null.float().mean(),
-                "data/truncated_prompts": torch.tensor(float(prompts.truncated if prompts else 0)),
-                "data/cached_latents": torch.tensor(float("target" in cached)),
-                "data/cached_prefix": torch.tensor(float("prefix" in cached))}
+                "data/truncated_prompts": torch.tensor(float(prompts.truncated if prompts else truncated)),
+                # the share of samples whose frozen outputs came from a cache
+                **{f"data/{k}": v for k, v in frac.items()}}
         return loss, logs
 
     # -- frozen-output caches ------------------------------------------------------------
     def _cached(self, batch: dict, null: torch.Tensor, model) -> dict:
-        """GenModel.forward's cached inputs for this batch: `target` (+ `ref_features`) when
-        every sample has its record, `prefix` too at level prefix; else {} (live). All ranks
-        agree on the level first: under ZeRO-3 every rank must run the same forwards."""
-        from unilip_ds.data.cache import state_from_rows
+        """GenModel.forward's cached inputs for this batch: `target` (+ `ref_features` for
+        edit), and `prefix` when the cache has that level. Rows with a record take its values;
+        the others (a miss, or a source without cache: their images were decoded) are computed
+        live, by the same GenModel calls, so mixed batches are exact. Ranks agree first on
+        which frozen parts run: under ZeRO-3 each forward is a collective, so a rank with no
+        live row then runs one row and discards it. {} when the batch has no cache at all."""
+        from unilip_ds.data.cache import prefix_rows, state_from_rows
         from unilip_ds.engine import dist
         records = batch.get("__cache__")
         if not records:
             return {}
-        task = batch["__task__"]
-        latents = all(r is not None for r in records)
-        prefix = latents and all("prefix.hidden" in r for r in records)
-        lacking = dist.all_reduce([float(not latents), float(not prefix)])
-        out: dict = {}
-        if lacking[0] > 0:
-            return out
+        task, b = batch["__task__"], len(records)
         device, dtype = batch["image"].device, model.dtype
-        out["target"] = torch.stack([r["latent"] for r in records]).to(device, torch.float32)
-        if task == "edit":
-            out["ref_features"] = torch.stack([r["ref"] for r in records]).to(device, dtype)
-        if lacking[1] > 0:
+        live = [i for i, r in enumerate(records) if r is None]
+        live_prefix = [i for i, r in enumerate(records) if r is None or "prefix.hidden" not in r]
+        has_prefix = len(live_prefix) < b
+        any_live, any_live_prefix, any_prefix = (v > 0 for v in dist.all_reduce(
+            [float(bool(live)), float(bool(live_prefix)), float(has_prefix)]))
+        # target latents and the edit reference features
+        target = [None if r is None else r["latent"].to(device, torch.float32) for r in records]
+        feats = [None if r is None else r["ref"].to(device, dtype) for r in records] if task == "edit" else None
+        if any_live:
+            rows = live or [0]
+            x0 = model.target_latent(batch["image"][rows]).float()
+            f = model.image_features(batch["input_image"][rows]) if feats is not None else None
+            for j, i in enumerate(live):
+                target[i] = x0[j]
+                if f is not None:
+                    feats[i] = f[j]
+        out = {"target": torch.stack(target),
+               "cached_latents": torch.tensor(1 - len(live) / b),
+               "cached_prefix": torch.tensor(1 - len(live_prefix) / b if any_prefix else 0.0)}
+        if feats is not None:
+            out["ref_features"] = torch.stack(feats)
+        if not any_prefix:  # level latents everywhere: forward runs the prefix over all rows
             return out
-        # computed now whether or not this rank has a null row: ZeRO-3 gathers are collective
-        null_t2i = self._null_t2i_row(model) if task == "t2i" else None
-        rows = []
-        for r, drop in zip(records, null.tolist()):
+        # per-sample prefix rows (unpadded), cached or live, then padded as one batch
+        null_t2i = self._null_t2i_row(model) if task == "t2i" else None  # collective: every rank
+        rows: list = [None] * b
+        for i, (r, drop) in enumerate(zip(records, null.tolist())):
+            if i in live_prefix:
+                continue
             if not drop:
-                rows.append(r)
+                rows[i] = r
             elif task == "edit":  # the null edit prompt keeps the image: its own record
-                rows.append({k.replace("null.", "prefix.", 1): v for k, v in r.items() if k.startswith("null.")})
+                rows[i] = {k.replace("null.", "prefix.", 1): v for k, v in r.items() if k.startswith("null.")}
             else:
-                rows.append(null_t2i)
+                rows[i] = null_t2i
+        if any_live_prefix:
+            idx, texts = live_prefix or [0], self._texts(batch, null)
+            prompts = self.prompts()(task, [texts[i] for i in idx]).to(device)
+            state = model.prefix(prompts, out["ref_features"][idx] if feats is not None else None)
+            for i, row in zip(live_prefix, prefix_rows(state, "prefix")):
+                rows[i] = row
+            out["truncated"] = prompts.truncated if live_prefix else 0
         out["prefix"] = state_from_rows(rows, "prefix", device, dtype)
         return out
 
