@@ -4,9 +4,10 @@ term that follows from the config and the DeepSpeed JSON (activations excluded).
 
 The terms follow DeepSpeed 0.19's ZeRO optimizers (stage_1_and_2.py, stage3.py) with bf16:
 bf16 weights and gradients (gradient accumulation in the model dtype unless
-`data_types.grad_accum_dtype` says otherwise), an fp32 master copy and Adam's two fp32
-moments per trainable weight, and at the optimizer step an fp32 copy of the gradients of
-one parameter group (ZeRO-1/2) or sub-group (ZeRO-3) at a time. Each engine (one per
+`data_types.grad_accum_dtype` says otherwise), an fp32 master copy (ZeRO-1/2 keep one in fp32
+too) and Adam's two fp32 moments per trainable weight, and at the optimizer step flat copies
+(model dtype, then fp32) of the gradients of one parameter group (ZeRO-1/2) or sub-group
+(ZeRO-3) at a time. Each engine (one per
 trainable module) holds its own buffers: gradient buckets of `reduce_bucket_size` elements,
 two of them with `overlap_comm` below ZeRO-3; under ZeRO-3 a prefetch bucket and the
 un-partitioned small parameters. The EMA (trainer) keeps an fp32 copy of the main engine's
@@ -72,15 +73,17 @@ def _engine_terms(name: str, module: nn.Module, groups: List[int], z: Dict[str, 
         (f"{name}: gradients ({'fp32' if gb == 4 else 'bf16'}{', /world' if stage >= 2 else ''})",
          part(trainable * gb, 2), off_opt),
     ]
-    if bf16:
+    if bf16 or stage in (1, 2):  # ZeRO-1/2 clone the partition even in fp32
         terms.append((f"{name}: fp32 master weights (/world)", part(trainable * 4, 1), off_opt))
     terms.append((f"{name}: Adam moments m, v (fp32, /world)", part(trainable * 8, 1), off_opt))
-    if bf16 and groups:
-        # the optimizer step casts one group's (ZeRO-3: sub-group's) gradient partition to fp32
+    if groups:
+        # the optimizer step flattens one group's (ZeRO-3: sub-group's) gradient partition
+        # (a new tensor in the gradient dtype) and casts that to fp32 (another, unless fp32)
         step = max(groups) / w if stage >= 1 else max(groups)
         if stage == 3:
             step = min(step, z["sub_group_size"])
-        terms.append((f"{name}: fp32 gradients of the optimizer step (largest param group)", step * 4, off_opt))
+        terms.append((f"{name}: optimizer step's flat gradient copies (largest group, "
+                      f"{'fp32' if gb == 4 else 'bf16 + fp32'})", step * (4 if gb == 4 else gb + 4), off_opt))
     if ema:
         terms.append((f"{name}: EMA (fp32 copy of trainable weights{', /world' if stage == 3 else ''})",
                       part(trainable * 4, 3), off_param))
