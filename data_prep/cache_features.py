@@ -166,6 +166,18 @@ def build_shard(model, builder, task: str, url: str, dst_url: str, data_cfg, lev
     return {"samples": samples, "bytes": nbytes, "sha256": h.hexdigest(), "skipped": skipped}
 
 
+def remove_leftovers(dst_url: str) -> None:
+    """A builder killed while writing this shard left its temporary file (local storage;
+    an S3 upload that never completed is not visible): remove it before rebuilding. Only
+    this shard's own temporary names are touched, and only this rank builds this shard."""
+    from unilip_ds.data import storage
+    if storage.is_s3(dst_url):
+        return
+    path = Path(storage.local_path(dst_url))
+    for tmp in path.parent.glob(f"{path.name}.tmp-*"):
+        tmp.unlink(missing_ok=True)
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     try:
@@ -239,6 +251,7 @@ def run(args, cfg, level: str) -> int:
                     dst_url, ShardInfo(name, part["samples"], part["bytes"], part["sha256"])):
                 done += 1
                 continue  # finished by an earlier run
+        remove_leftovers(dst_url)
         t0 = time.time()
         info = build_shard(model, builder, args.task, url, dst_url, cfg.data, level, dtype, args.batch_size,
                            bar.update if bar is not None else (lambda n: None))

@@ -1,6 +1,7 @@
 """data_prep/cache_features.py: cache shards of the generator's frozen outputs, built through
 the CLI on the tiny flavor; their records equal GenModel's live computation (fp32), a re-run
-reuses verified shards and rebuilds a damaged one, a cache of other settings is refused."""
+reuses verified shards and rebuilds a damaged one, a builder killed mid-shard resumes without
+partial or duplicated shards, a cache of other settings is refused."""
 
 from __future__ import annotations
 
@@ -17,10 +18,38 @@ from unilip_ds.data.decode import Decoder
 from unilip_ds.data.stream import iter_shard
 
 
+def _args(assets, task, shards, dst, *extra):
+    return ["--config", "gen_stage2", "--task", task, "--src", shards.dir, "--dst", str(dst), "--what",
+            "latents,prefix", "--dtype", "fp32", "--batch-size", "4", "--no-progress", *assets.overrides(), *extra]
+
+
 def _build(assets, task, shards, dst, *extra):
-    return run("data_prep/cache_features.py", ["--config", "gen_stage2", "--task", task, "--src", shards.dir,
-                                               "--dst", str(dst), "--what", "latents,prefix", "--dtype", "fp32",
-                                               "--batch-size", "4", "--no-progress", *assets.overrides(), *extra])
+    return run("data_prep/cache_features.py", _args(assets, task, shards, dst, *extra))
+
+
+def _kill_mid_shard(args, dst: Path) -> Path:
+    """Starts the builder and SIGKILLs it while it writes a shard; returns the partial file."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.launch_util import REPO, env
+    proc = subprocess.Popen([sys.executable, "data_prep/cache_features.py", *args], cwd=REPO, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while proc.poll() is None:
+            partial = [p for p in dst.glob("*.tmp-*") if p.stat().st_size > 0] if dst.is_dir() else []
+            if partial:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return partial[0]
+            time.sleep(0.001)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    raise AssertionError("the builder finished before it could be killed mid-shard")
 
 
 def _records(path: Path):
@@ -91,7 +120,18 @@ def test_rerun_reuses_verified_shards_rebuilds_damaged_ones_and_refuses_other_se
     assert summary["reused"] == len(names) - 1 and summary["samples"] == len(sample_edit_shards.keys)
     assert {n: hashlib.sha256((dst / n).read_bytes()).hexdigest() for n in names} == digest  # rebuilt exactly
     assert not list(dst.glob("*.tmp-*"))
+
+    killed = tmp_path / "killed"  # (batch size 1: many writes per shard, a window to kill in)
+    partial = _kill_mid_shard(_args(gen_assets, "edit", sample_edit_shards, killed, "--batch-size", "1"), killed)
+    assert partial.exists() and not (killed / MANIFEST).exists()
+    proc = check(_build(gen_assets, "edit", sample_edit_shards, killed))
+    assert not list(killed.glob("*.tmp-*"))  # the killed run's partial file is gone
+    assert sorted(p.name for p in killed.glob("*.tar")) == sorted(names)  # each shard once
+    assert {n: hashlib.sha256((killed / n).read_bytes()).hexdigest() for n in names} == digest
+    manifest = CacheManifest.from_json((killed / MANIFEST).read_text())
+    assert [s.name for s in manifest.shards] == names and \
+        sum(s.samples for s in manifest.shards) == len(sample_edit_shards.keys)
     proc = _build(gen_assets, "edit", sample_edit_shards, dst, "data.resolution=196")
     assert proc.returncode == 2 and "built differently (differs: " in proc.stderr
     assert "resolution (cache: 224, this run: 196)" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+    assert len([line for line in proc.stderr.splitlines() if not line.startswith("warning:")]) == 1
