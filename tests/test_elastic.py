@@ -85,21 +85,21 @@ def test_stream_remainder_is_every_sample_once(tmp_path, chain):
 
 @pytest.fixture(scope="module")
 def epoch_shards(tmp_path_factory):
-    """One epoch = 8 shards x 6 samples = 8 steps of a global batch of 6."""
+    """One epoch = 10 shards x 3 samples = 5 steps of a global batch of 6."""
     from unilip_ds.data.sample_images import write_caption_tars
     d = tmp_path_factory.mktemp("epoch")
-    write_caption_tars(d, count=48, per_tar=6, size=256)
+    write_caption_tars(d, count=30, per_tar=3, size=256)
     return str(d)
 
 
 def _args(out: Path, shards: str, ds: str, accum: int, workers: int, extra=(), buffer=6) -> List[str]:
     """Global batch 6 = ranks x 1 x accum; held-out SSIM (EMA weights)."""
     mine = {"train.micro_batch_size": 1, "train.grad_accum": accum, "data.num_workers": workers,
-            "data.shuffle_buffer": buffer, "checkpoint.every_steps": 8, "optim.lr": 2e-3,
+            "data.shuffle_buffer": buffer, "checkpoint.every_steps": 5, "optim.lr": 2e-3,
             "optim.min_lr": 1e-3, "train.precision": "fp32", "data.log_keys": "true",
             "data.eval.urls": f"[{shards}]", "train.eval_batches": 4, "train.sample_every": 0,
             "wandb.mode": "disabled"}
-    base = [a for a in tiny_recon_args(out, shards, steps=8, ds=ds)
+    base = [a for a in tiny_recon_args(out, shards, steps=5, ds=ds)
             if a.split("=", 1)[0] not in mine]
     return base + [f"{k}={v}" for k, v in mine.items()] + list(extra)
 
@@ -119,6 +119,7 @@ def test_resume_on_another_world_size(epoch_shards, tmp_path, zero, nproc, accum
     end of the epoch: every sample of the epoch exactly once, the held-out SSIM goes on from
     where it was, the EMA and the LR schedule carry over."""
     out, ds = tmp_path / "run", f"ds_configs/{zero}.json"
+    # blocks of 6 (two shards): each old reader stops with 3 samples of its block unemitted
     check(run("launch/train.py", _args(out, epoch_shards, ds, 3, 1, ["train.stop_after=1", "train.eval_every=1"]),
               nproc=2, launcher="torchrun"))
     before = _metrics(out)
@@ -129,23 +130,23 @@ def test_resume_on_another_world_size(epoch_shards, tmp_path, zero, nproc, accum
                "has 3 (1 ranks x train.micro_batch_size 1 x train.grad_accum 3): keep the global " \
                "batch, e.g. train.grad_accum=6" in proc.stderr
 
-    # blocks of 7: each new reader's 14 or 21 samples end with a block (a block across the
+    # blocks of 4: each new reader's 8 or 12 samples end with a block (a block across the
     # end of the epoch would mix in the next epoch's samples)
     proc = check(run("launch/train.py", _args(out, epoch_shards, ds, accum, workers, ["train.eval_every=2"],
-                                              buffer=7), nproc=nproc, launcher="torchrun"))
+                                              buffer=4), nproc=nproc, launcher="torchrun"))
     assert "to DeepSpeed's universal format" in proc.stdout and "continue on" in proc.stdout
     keys = Counter()
     for f in (out / "keys").glob("rank*.jsonl"):
         for line in f.read_text().splitlines():
             keys.update(json.loads(line)["keys"])
-    assert sum(keys.values()) == 48 and len(keys) == 48, keys.most_common(3)  # each exactly once
+    assert sum(keys.values()) == 30 and len(keys) == 30, keys.most_common(3)  # each exactly once
     m = _metrics(out)
-    assert sorted(m) == list(range(9))
+    assert sorted(m) == list(range(6))
     ssim = {s: m[s]["eval/ssim"] for s in (0, 1, 2)}
     # held-out SSIM (EMA weights) goes on up from where step 1 left it, not back to the start
     assert ssim[2] > ssim[1] > ssim[0] + 0.04, ssim
-    # the LR schedule goes on: warmup 2 steps, then cosine to min_lr at step 8
-    factor = lr_factor(from_dict(checkpoint.read_meta(out, "step_00000008")["config"]))
-    assert [m[s]["lr/model"] for s in range(1, 9)] == pytest.approx([2e-3 * factor(s) for s in range(8)])
-    ema = checkpoint.rank_state(out, "step_00000008", 0)["ema"]
-    assert ema["updates"] == 8  # carried over (a restarted EMA would count 7)
+    # the LR schedule goes on: warmup 2 steps, then cosine to min_lr at step 5
+    factor = lr_factor(from_dict(checkpoint.read_meta(out, "step_00000005")["config"]))
+    assert [m[s]["lr/model"] for s in range(1, 6)] == pytest.approx([2e-3 * factor(s) for s in range(5)])
+    ema = checkpoint.rank_state(out, "step_00000005", 0)["ema"]
+    assert ema["updates"] == 5  # carried over (a restarted EMA would count 4)
