@@ -1,6 +1,7 @@
 """Training from caches of frozen outputs (tiny flavor, fp32, CPU): the real stream attaches
 each sample's record; with it the loss and the trainable gradients equal the live ones (T2I
-and edit, CFG-null rows and padding included); damaged records fall back to live, counted;
+and edit, CFG-null rows and padding included; bf16 records: within bf16 rounding); damaged
+records fall back to live per sample, counted;
 a cache built for other settings is refused; a 2-process ZeRO-3 run on caches matches the live
 run step by step."""
 
@@ -101,6 +102,13 @@ def test_cached_loss_and_gradients_equal_the_live_ones(build_gen, sample_shards,
         a, b = _loss_and_grads(task, model, live), _loss_and_grads(task, model, hit)
         assert b[2]["data/cached_prefix"] == 1 and a[2]["data/cached_latents"] == 0
         _assert_same_step(a, b)
+        # a bf16 cache (the default --dtype) holds these values rounded to bf16: the step
+        # moves by about that rounding (2^-8 relative), no more
+        bf16 = [{k: v.to(torch.bfloat16) for k, v in r.items()} for r in hit["__cache__"]]
+        c = _loss_and_grads(task, model, {**hit, "__cache__": bf16})
+        torch.testing.assert_close(c[0], a[0], atol=0, rtol=2 ** -6)
+        norm = lambda g: torch.linalg.vector_norm(torch.stack([x.norm() for x in g.values()]))  # noqa: E731
+        torch.testing.assert_close(norm(c[1]), norm(a[1]), atol=0, rtol=2 ** -5)
         seen.add((hit["__task__"], bool(0 < b[2]["data/cfg_null_frac"] < 1)))
     assert {t for t, _ in seen} == {"t2i", "edit"} and any(mixed for _, mixed in seen)
 
