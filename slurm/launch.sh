@@ -22,6 +22,10 @@
 #   OMP_NUM_THREADS  default: CPUs on the node / processes per node
 #   UNILIP_ENTRY     the script torchrun starts (default launch/train.py; the cache template
 #                    sets data_prep/cache_features.py, which takes the same --config STAGE)
+#   UNILIP_MAX_RESTARTS  torchrun --max-restarts (default 0): after a rank dies, restart this
+#                    node's workers in place this many times; they resume from the last
+#                    checkpoint (on several nodes the others' ranks fail their next
+#                    collective, within dist.timeout_s, and restart too)
 set -euo pipefail
 
 die() { echo "slurm/launch.sh: error: $*" >&2; exit 2; }
@@ -58,6 +62,8 @@ if [[ "${UNILIP_SLURM_ROLE:-}" == node ]]; then
     elif (( gpus > 0 )); then nproc="$gpus"
     else nproc=1; fi
     [[ "$nproc" =~ ^[1-9][0-9]*$ ]] || die "NPROC_PER_NODE must be a positive integer, got '$nproc'"
+    restarts="${UNILIP_MAX_RESTARTS:-0}"
+    [[ "$restarts" =~ ^[0-9]+$ ]] || die "UNILIP_MAX_RESTARTS must be an integer >= 0, got '$restarts'"
 
     cpus="${SLURM_CPUS_ON_NODE:-$(nproc)}"
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cpus / nproc > 0 ? cpus / nproc : 1 ))}"
@@ -81,7 +87,7 @@ if [[ "${UNILIP_SLURM_ROLE:-}" == node ]]; then
     trap '' USR1
     exec "$PY" -m torch.distributed.run \
         --nnodes "$SLURM_JOB_NUM_NODES" --nproc_per_node "$nproc" --node_rank "$SLURM_NODEID" \
-        --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --max_restarts 0 \
+        --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --max_restarts "$restarts" \
         "${UNILIP_ENTRY:-launch/train.py}" --config "$STAGE" "$@"
 fi
 

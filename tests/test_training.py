@@ -148,3 +148,69 @@ def test_sigusr1_checkpoints_and_stops(shards, tmp_path):
     tag = checkpoint.latest_tag(out)
     step = checkpoint.read_meta(out, tag)["step"]
     assert 1 <= step < 1000 and _metrics(out)[-1]["step"] == step
+
+
+# -- tests that protect the checkpoint ----------------------------------------------------
+
+def test_checkpoint_restores_every_rng_stream(tmp_path):
+    """save/load round trip of the Python, NumPy and torch RNG states (skipping the
+    restore, or one stream of it, fails here)."""
+    import random
+
+    import numpy as np
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    checkpoint.save(tmp_path, 1, {}, {}, {}, keep_last=1)
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    random.random(), np.random.rand(), torch.rand(7)  # every stream moves on
+    checkpoint.load(tmp_path, "step_00000001", {})
+    got = (random.random(), np.random.rand(), torch.rand(3))
+    assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+class _SlowToPickle:
+    """Delays the torch.save of the rank that holds it (a slow filesystem), then leaves a
+    marker once its part of the file is written."""
+
+    def __init__(self, seconds: float, done: str):
+        self.seconds, self.done = seconds, done
+
+    def __reduce__(self):
+        import time
+        time.sleep(self.seconds)
+        Path(self.done).touch()
+        return (int, (0,))
+
+
+def _save_two_ranks(rank: int, out: str, port: int) -> None:
+    import os
+
+    import torch.distributed as tdist
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    tdist.init_process_group("gloo", rank=rank, world_size=2)
+    checkpoint.save(out, 1, {}, {}, {}, keep_last=3)
+    slow = {"slow": _SlowToPickle(3.0, f"{out}/rank1_written")} if rank == 1 else {}
+    checkpoint.save(out, 2, {}, slow, {}, keep_last=3)
+    tdist.destroy_process_group()
+
+
+def test_latest_moves_only_after_every_rank_wrote(tmp_path):
+    """Rank 1's files of step 2 are slow to write: until they are, `latest` still names
+    step 1 (removing the barrier before `latest` moves fails here)."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    from unilip_ds.engine.dist import free_port
+    procs = [mp.get_context("spawn").Process(target=_save_two_ranks, args=(r, str(tmp_path), port))
+             for port in [free_port()] for r in range(2)]
+    for p in procs:
+        p.start()
+    step2, done, seen = tmp_path / "checkpoints" / "step_00000002", tmp_path / "rank1_written", 0
+    while any(p.is_alive() for p in procs):
+        if (step2 / "rank00000.pt").is_file() and not done.exists():
+            assert checkpoint.latest_tag(tmp_path) == "step_00000001"
+            seen += 1
+        time.sleep(0.05)
+    assert all(p.exitcode == 0 for p in procs)
+    assert seen > 10  # rank 0 had finished step 2 while rank 1 was still writing
+    assert checkpoint.latest_tag(tmp_path) == "step_00000002"

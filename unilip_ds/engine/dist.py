@@ -68,8 +68,27 @@ def init(timeout_s: float = 1800) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                               timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = _attempt_store(timeout)
+    if store is not None:  # DeepSpeed takes over a process group that exists
+        import torch.distributed as tdist
+        extra = {"device_id": torch.device("cuda", local_rank())} \
+            if torch.cuda.is_available() and world_size() > 1 else {}
+        tdist.init_process_group(backend, store=store, rank=rank(), world_size=world_size(),
+                                 timeout=timeout, **extra)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+
+
+def _attempt_store(timeout: datetime.timedelta):
+    """Under torchrun the workers share the agent's store, which outlives a restart
+    (--max-restarts): the restarted workers would read the dead ones' keys (addresses of
+    sub-groups) and wait on them forever. A prefix per attempt keeps each attempt's apart."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from torch.distributed import PrefixStore, TCPStore
+    store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size(),
+                     is_master=False, timeout=timeout)
+    return PrefixStore(f"unilip/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def barrier() -> None:
@@ -100,8 +119,9 @@ def is_collective_failure(exc: BaseException) -> bool:
 
 
 class Watchdog:
-    """Ends this process when the loop makes no progress for `timeout_s`: covers hangs that
-    no collective timeout reports (NCCL's watchdog aborts without naming our step, a stuck
+    """Ends this process (exit 3) when the loop makes no progress for `timeout_s` (plus a
+    margin): covers hangs no process-group timeout reports (DeepSpeed's shared-memory
+    all-reduce on CPU has none; NCCL's watchdog aborts without naming our step; a stuck
     read). `beat(where)` marks progress; the message names the last `where`."""
 
     def __init__(self, timeout_s: float, exit_code: int = 3):
@@ -121,8 +141,8 @@ class Watchdog:
         while not self._stop.wait(1.0):
             if time.monotonic() - self.last > limit:
                 logging.getLogger("unilip_ds").error(
-                    f"error: rank {rank()}: no progress for {limit:.0f}s at {self.where} "
-                    f"(dist.timeout_s={self.timeout_s:g}: a rank stalled or a collective hangs); exiting")
+                    f"error: rank {rank()}: {self.where}: no progress for {limit:.0f}s (dist.timeout_s="
+                    f"{self.timeout_s:g}: a rank died or stalled, or a collective hangs); exiting")
                 logging.shutdown()
                 os._exit(self.exit_code)
 
