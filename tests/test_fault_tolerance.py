@@ -234,3 +234,15 @@ def test_ctrl_c_checkpoints_at_the_next_step(shards, tmp_path):
     assert "stopping on signal SIGINT" in output and "Traceback" not in output
     tag = checkpoint.latest_tag(out)
     assert tag is not None and checkpoint.read_meta(out, tag)["step"] == _metrics(out)[-1]["step"]
+
+
+def test_lecam_emas_ignore_a_nonfinite_batch():
+    """The GAN's LeCam EMAs (buffers the skipped step does not roll back) keep their value
+    through a NaN batch, so the steps after it are finite again."""
+    from unilip_ds.models.discriminator import LeCamEMA
+    ema = LeCamEMA(0.9)
+    ema(torch.ones(4), torch.zeros(4))
+    before = (ema.real.clone(), ema.fake.clone())
+    ema(torch.full((4,), float("nan")), torch.full((4,), float("inf")))
+    assert torch.equal(ema.real, before[0]) and torch.equal(ema.fake, before[1])
+    assert torch.isfinite(ema(torch.ones(4), torch.zeros(4)))

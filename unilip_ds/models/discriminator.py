@@ -113,9 +113,10 @@ class LeCamEMA(nn.Module):
         self._fp32()
         real_mean, fake_mean = real.float().mean(), fake.float().mean()
         loss = lecam_loss(real_mean, fake_mean, self.real, self.fake)
-        with torch.no_grad():
-            self.real.mul_(self.decay).add_(real_mean.detach() * (1 - self.decay))
-            self.fake.mul_(self.decay).add_(fake_mean.detach() * (1 - self.decay))
+        with torch.no_grad():  # a non-finite step (skipped by the trainer) leaves them as they are
+            for ema, mean in ((self.real, real_mean), (self.fake, fake_mean)):
+                new = ema * self.decay + mean.detach() * (1 - self.decay)
+                ema.copy_(torch.where(torch.isfinite(new), new, ema))
         return loss
 
 
