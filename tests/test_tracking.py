@@ -1,13 +1,14 @@
 """Watching a run: the console line (step N/max, elapsed, ETA, eval metrics), TensorBoard
 event files, the recon grids written at each evaluation (one per eval source, with per-source
-metrics) and `python -m unilip_ds.plot` on the run's metrics.jsonl."""
+metrics), the demo echoing its progress, and `python -m unilip_ds.plot` on metrics.jsonl."""
 
+import importlib.util
 import json
 import re
 
 from PIL import Image
 
-from tests.launch_util import check, run, tiny_recon_args
+from tests.launch_util import REPO, check, run, tiny_recon_args
 
 
 def test_console_tensorboard_grids_and_plots(sample_shards, tmp_path, capsys):
@@ -27,6 +28,19 @@ def test_console_tensorboard_grids_and_plots(sample_shards, tmp_path, capsys):
     assert [re.search(r"eval step (\d+)/4", x).group(1) for x in evals] == ["0", "2", "4"], evals
     assert all("eval/psnr=" in x and "eval/train_view/psnr=" in x and "eval/heldout/ssim=" in x
                for x in evals)
+
+    # the demo echoes these lines as its progress (launch/demo.py parses them)
+    spec = importlib.util.spec_from_file_location("demo", REPO / "launch" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    capsys.readouterr()
+    shown: set = set()
+    for x in lines:
+        demo.progress(x, "recon_stage1", shown)
+    echoed = capsys.readouterr().out.splitlines()
+    assert re.match(r"  recon_stage1 eval at step 0/4 eval/psnr=\S+ eval/train_view/psnr=\S+ "
+                    r"eval/heldout/psnr=\S+$", echoed[0]), echoed
+    assert any(re.match(r"  recon_stage1 step 2/4 loss/total=\S+ +ETA \d+m\d\ds$", e) for e in echoed), echoed
 
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     last_eval = [r for r in records if "eval/psnr" in r][-1]
