@@ -120,9 +120,9 @@ def test_resume_on_another_world_size(epoch_shards, tmp_path, zero, nproc, accum
     where it was, the EMA and the LR schedule carry over."""
     out, ds = tmp_path / "run", f"ds_configs/{zero}.json"
     # blocks of 6 (two shards): each old reader stops with 3 samples of its block unemitted
-    check(run("launch/train.py", _args(out, epoch_shards, ds, 3, 1, ["train.stop_after=1", "train.eval_every=1"]),
+    check(run("launch/train.py", _args(out, epoch_shards, ds, 3, 1, ["train.stop_after=1",
+                                                                    "train.eval_every=1"]),
               nproc=2, launcher="torchrun"))
-    before = _metrics(out)
     if nproc == 1:  # another global batch is refused, in one line, before anything starts
         proc = run("launch/train.py", _args(out, epoch_shards, ds, 3, workers))
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
