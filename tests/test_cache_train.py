@@ -162,6 +162,27 @@ def test_a_cached_sample_is_not_image_decoded(build_gen, sample_shards, caches, 
     assert broken in keys[True] and broken not in keys[False]
 
 
+def test_records_are_read_ahead_in_few_requests(caches):
+    """Records fetched in a shuffled order come from a few read-ahead requests per shard,
+    identical to one request per record."""
+    import random
+
+    from unilip_ds.config import DataConfig
+    from unilip_ds.data.cache import SourceCache
+    shard = sorted(caches["edit"].glob("*.tar"))[0]
+    keys = list(json.loads(Path(str(shard) + ".index.json").read_text()))
+    random.Random(0).shuffle(keys)
+    got = {}
+    for kib in (0, 4096):
+        cache = SourceCache(str(caches["edit"]), "edit", DataConfig(cache_read_ahead_kib=kib))
+        records = [cache.get(str(shard), k) for k in keys]
+        assert all(why is None for _, why in records)
+        got[kib] = (cache.requests, [r for r, _ in records])
+    assert got[0][0] == len(keys) > 1 and got[4096][0] == 1
+    for a, b in zip(got[0][1], got[4096][1]):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_cache_for_other_settings_is_refused(build_gen, sample_shards, caches):
     from unilip_ds.config import ConfigError
     task, model = build_gen(extra=[f"data.train.urls=[{sample_shards.dir}]", "data.train.task=t2i",

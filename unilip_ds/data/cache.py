@@ -21,7 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -142,18 +143,40 @@ def level_keys(level: str, task: str) -> tuple:
 
 
 class SourceCache:
-    """Records of one cached source, fetched by (source shard URL, sample key) with one ranged
-    read each; a record that is missing, unreadable or fails its digest is a miss (the
-    sample is then computed live), never a wrong value."""
+    """Records of one cached source, fetched by (source shard URL, sample key) with ranged
+    reads (read ahead, see DataConfig.cache_read_ahead_kib); a record that is missing,
+    unreadable or fails its digest is a miss (the sample is then computed live), never a
+    wrong value."""
 
     def __init__(self, url: str, task: str, cfg: Any = None):
         self.url, self.cfg = url, cfg
         self.manifest = read_manifest(url, cfg)
         if self.manifest.task != task:
             raise CacheError(f"cache {url} holds {self.manifest.task} samples, its source is {task}")
-        self.names = {s.name for s in self.manifest.shards}
+        self.sizes = {s.name: s.bytes for s in self.manifest.shards}
+        self.names = set(self.sizes)
         self.keys = level_keys(self.manifest.level, task)
         self._index: Dict[str, Optional[dict]] = {}
+        self.read_ahead = 1024 * int(getattr(cfg, "cache_read_ahead_kib", 0) or 0)
+        self._chunks: "OrderedDict[Tuple[str, int], bytes]" = OrderedDict()  # LRU, 8 x read_ahead
+        self.requests = 0  # ranged reads of records made (for benchmarks and tests)
+
+    def _read(self, name: str, start: int, length: int) -> bytes:
+        from unilip_ds.data import storage
+        for (n, s), chunk in reversed(self._chunks.items()):
+            if n == name and s <= start and start + length <= s + len(chunk):
+                self._chunks.move_to_end((n, s))
+                return chunk[start - s:start - s + length]
+        # the aligned window around the record (shuffled requests come from both sides)
+        first = start - start % self.read_ahead if self.read_ahead else start
+        end = max(start + length, min(first + self.read_ahead, self.sizes.get(name, 0)))
+        self.requests += 1
+        data = storage.read_bytes(storage.join(self.url, name), self.cfg, first, end - first)
+        if end - first > length:
+            self._chunks[(name, first)] = data
+            while len(self._chunks) > 8:
+                self._chunks.popitem(last=False)
+        return data[start - first:start - first + length]
 
     def _shard_index(self, name: str) -> Optional[dict]:
         from unilip_ds.data import storage
@@ -179,7 +202,7 @@ class SourceCache:
             return None, "missing_sample"
         start, length, digest = entry
         try:
-            data = storage.read_bytes(storage.join(self.url, name), self.cfg, start, length)
+            data = self._read(name, start, length)
         except (storage.StorageError, OSError):
             return None, "unreadable"
         if len(data) != length or record_digest(data) != digest:

@@ -58,6 +58,11 @@ class DataConfig:
     s3_region: Optional[str] = None  # else AWS_REGION / AWS_DEFAULT_REGION
     # transient storage errors are retried with backoff up to this total wait per shard
     io_retry_seconds: float = 60.0
+    # caches of frozen outputs: a record is fetched together with the records after it, up
+    # to this many KiB per request, kept for the next ones (records lie in the source's
+    # order, and a shuffle block is a stretch of consecutive samples): fewer object-store
+    # requests; 0 = one ranged request per record
+    cache_read_ahead_kib: int = 4096
 
 
 def split_sources(split: DataSplitConfig, which: str) -> List[SourceConfig]:
