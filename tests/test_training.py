@@ -97,6 +97,11 @@ def test_zero3_resume_is_bit_identical(shards, tmp_path):
     for ra, rb in zip(ma, mb):
         assert ra["loss/total"] == rb["loss/total"]
     assert checkpoint.read_meta(split, "step_00000004")["wandb_run_id"] == run_id
+    # ZeRO-3 partitions parameters before the task splits them: matrices still decay
+    optim = next((full / "checkpoints" / "step_00000004" / "model").rglob("*optim_states.pt"))
+    state = torch.load(optim, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    decays = sorted({g["weight_decay"] for g in state["optimizer_state_dict"]["param_groups"]})
+    assert decays == [0.0, 1e-4], decays
     for r in (0, 1):  # the data stream resumed exactly: same keys, same order
         ka = (full / "keys" / f"rank{r}.jsonl").read_text()
         kb = (split / "keys" / f"rank{r}.jsonl").read_text()

@@ -36,9 +36,10 @@ class ParamGroup:
 
 
 def no_decay(name: str, param: nn.Parameter) -> bool:
-    """Biases, norms and embeddings are not decayed."""
+    """Biases, norms and embeddings are not decayed. (Under ZeRO-3 the parameter is already
+    partitioned to shape (0,) here: its full shape is `ds_shape`.)"""
     lname = name.lower()
-    return param.ndim < 2 or "norm" in lname or "embed" in lname or lname.endswith("bias") \
+    return len(getattr(param, "ds_shape", param.shape)) < 2 or "norm" in lname or "embed" in lname or lname.endswith("bias") \
         or "position" in lname or "query_tokens" in lname or ".ln" in lname
 
 
