@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.launch_util import check, run, tiny_gen_args
+from tests.launch_util import check, run, tiny_gen_args, with_overrides
 from unilip_ds.engine import checkpoint
 from unilip_ds.engine.export import consolidated
 from unilip_ds.engine.weights import read_weights_dir
@@ -255,7 +255,7 @@ def _bad(tmp_path, args):
 def test_bad_generator_inputs_are_one_line_errors(chain, gen_assets, sample_shards, sample_edit_shards, tmp_path):
     import shutil
     base = tiny_gen_args(tmp_path / "bad_run", "gen_stage1", gen_assets, sample_shards.dir, steps=1)
-    assert "model.sana_path" in _bad(tmp_path, base + [f"model.sana_path={tmp_path / 'nope'}"])
+    assert "model.sana_path" in _bad(tmp_path, with_overrides(base, [f"model.sana_path={tmp_path / 'nope'}"]))
     assert "flavor 1b needs" in _bad(tmp_path, ["--config", "gen_stage1", f"data.train.urls=[{sample_shards.dir}]",
                                                 f"run.output_dir={tmp_path / 'bad_run'}"])
     # a tokenizer without InternVL's image tokens
@@ -265,13 +265,13 @@ def test_bad_generator_inputs_are_one_line_errors(chain, gen_assets, sample_shar
     from unilip_ds.models.tiny_assets import tiny_tokenizer
     vocab = [t for t in tiny_tokenizer([]).get_vocab() if t not in ("<img>", "</img>", "<IMG_CONTEXT>")]
     Qwen2Tokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[]).save_pretrained(str(bad_tok))
-    msg = _bad(tmp_path, base + [f"model.internvl_path={bad_tok}"])
+    msg = _bad(tmp_path, with_overrides(base, [f"model.internvl_path={bad_tok}"]))
     assert "model.internvl_path" in msg and "lacks the special tokens <img>" in msg
     # a recon export of another flavor
     other = tmp_path / "recon_1b"
     shutil.copytree(gen_assets.recon, other)
     (other / "config.yaml").write_text("model:\n  flavor: 1b\n")
-    assert "export of flavor '1b'" in _bad(tmp_path, base + [f"model.unilip_path={other}"])
+    assert "export of flavor '1b'" in _bad(tmp_path, with_overrides(base, [f"model.unilip_path={other}"]))
     # an edit source that holds T2I shards; a recon export given as model.init_from
     s2 = tiny_gen_args(tmp_path / "bad_run", "gen_stage2", gen_assets, sample_shards.dir, sample_shards.dir, steps=1,
                        init_from=chain[1]["gen_stage1"])
