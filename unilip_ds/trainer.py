@@ -200,7 +200,7 @@ class Trainer:
             skipped = [n for n, e in self.engines.items()
                        if nonfinite.skipped_steps(e) > skipped_before[n]]
             action = self.nonfinite.record(bool(skipped))
-            if skipped:
+            if skipped and self.rank == 0:
                 log.warning(f"step {self.step}: non-finite loss or gradient norm: optimizer step of "
                             f"{', '.join(skipped)} skipped on every rank ({self.nonfinite.in_a_row} "
                             f"in a row, {self.nonfinite.total} in total)")
@@ -253,8 +253,9 @@ class Trainer:
         self.lr_scale *= self.cfg.train.rollback_lr_scale
         self._restore(tag, "rollback")
         self.nonfinite.in_a_row = 0
-        log.warning(f"rolled back to {tag} after {n} non-finite steps in a row: LR x{self.lr_scale:g} "
-                    f"from step {self.step + 1}; the data stream continues with new batches")
+        if self.rank == 0:
+            log.warning(f"rolled back to {tag} after {n} non-finite steps in a row: LR x{self.lr_scale:g} "
+                        f"from step {self.step + 1}; the data stream continues with new batches")
 
     def _restore(self, tag: str, why: str) -> Dict[str, Any]:
         """Engines, RNG and EMA from checkpoint `tag`; then this config's optimizer settings
@@ -268,7 +269,8 @@ class Trainer:
             self.lr_scale = meta.get("lr_scale", 1.0)
             self.nonfinite.total = meta.get("skipped_nonfinite", 0)
             for change in nonfinite.changed_settings(meta.get("config", {}), to_dict(self.cfg)):
-                log.warning(f"resume: {change} (applied from step {self.step + 1})")
+                if self.rank == 0:
+                    log.warning(f"resume: {change} (applied from step {self.step + 1})")
         nonfinite.apply_settings(self.engines, self.settings, self.lr_scale)
         return state
 
