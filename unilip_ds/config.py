@@ -204,9 +204,10 @@ def check_repeated(overrides: List[str]) -> None:
         counts[key] = counts.get(key, 0) + 1
     for key, n in counts.items():
         if n > 1:
-            raise ConfigError(f"config key '{key}': given {n} times on the command line (an unquoted "
-                              "brace pattern {a..b} is expanded by the shell into one argument per "
-                              f"value; quote the argument: '{key}=/data/shard-{{000..009}}.tar')")
+            hint = (" (an unquoted brace pattern {a..b} is expanded by the shell into one argument per "
+                    f"value; quote the argument: '{key}=/data/shard-{{000..009}}.tar')"
+                    if key.endswith(".urls") else "; give it once")
+            raise ConfigError(f"config key '{key}': given {n} times on the command line{hint}")
 
 
 def _schema_node(schema: Any, key: str) -> Any:
