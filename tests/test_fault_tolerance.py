@@ -1,7 +1,8 @@
 """Fault tolerance through launch/train.py as users run it (2 ranks over gloo, torchrun):
 a rank killed with SIGKILL (between checkpoints and in the middle of a checkpoint write),
-torchrun --max-restarts and slurm/launch.sh's UNILIP_MAX_RESTARTS, a stalled rank (dist.timeout_s), non-finite losses on one rank,
-Ctrl-C, and run directories that are never mixed or clobbered."""
+torchrun --max-restarts and slurm/launch.sh's UNILIP_MAX_RESTARTS, a stalled rank
+(dist.timeout_s), non-finite losses on one rank, Ctrl-C, and run directories that are
+never mixed or clobbered."""
 
 from __future__ import annotations
 
@@ -187,8 +188,8 @@ def test_nonfinite_stop_and_run_dir_never_mixed_or_clobbered(shards, tmp_path):
     before anything of it is written; a changed LR on resume is applied and said;
     run.overwrite=true moves the whole run aside."""
     out = tmp_path / "run"
-    proc = run("launch/train.py", _args(out, shards, ["train.on_nonfinite=stop", "train.max_nonfinite_in_a_row=2",
-                                                      "train.test_nan_batches=[2,3]"]))
+    proc = run("launch/train.py", _args(out, shards, ["train.on_nonfinite=stop", "train.test_nan_batches=[2,3]",
+                                                      "train.max_nonfinite_in_a_row=2"]))
     assert proc.returncode == 3, proc.stderr[-3000:]
     err = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
     assert len(err) == 1 and "step 3: 2 steps in a row with a non-finite loss" in err[0]
