@@ -45,9 +45,12 @@ def test_more_readers_than_shards(sample_shards, tmp_path, monkeypatch):
 
 
 def test_warnings_tiny_later_stage_and_long_warmup(sample_shards, tmp_path, capsys):
-    _prepare("recon_stage2", ["model.flavor=tiny", "model.perceptual_pretrained=false",
-                              f"recon.teacher_path={tmp_path}", f"run.output_dir={tmp_path / 'run'}",
-                              f"data.train.urls=[{sample_shards.dir}]", "train.max_steps=300"])
+    over = ["model.flavor=tiny", "model.perceptual_pretrained=false", f"recon.teacher_path={tmp_path}",
+            f"run.output_dir={tmp_path / 'run'}", "train.max_steps=300"]
+    with pytest.raises(Exception, match="no such file"):  # a failing check: its error is the only line
+        _prepare("recon_stage2", over + [f"data.train.urls=[{tmp_path / 'none'}]"])
+    assert capsys.readouterr().err == ""
+    _prepare("recon_stage2", over + [f"data.train.urls=[{sample_shards.dir}]"])
     err = capsys.readouterr().err.splitlines()
     assert err == ["warning: optim.warmup_steps=10000 >= train.max_steps=300: the learning rate never "
                    "leaves its warmup; lower optim.warmup_steps",

@@ -7,6 +7,7 @@ model exists; errors are `ConfigError` with one line naming the key.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass, field
@@ -266,10 +267,30 @@ def config_warnings(cfg: Config) -> List[str]:
     return out
 
 
+_held: Optional[List[str]] = None  # warnings raised inside `warnings_after_checks`
+
+
 def warn(msg: str) -> None:
     """One warning line on stderr from rank 0 (checks run before logging is set up)."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _held is not None:
+        _held.append(msg)
+    elif int(os.environ.get("RANK", "0")) == 0:
         print(f"warning: {msg}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def warnings_after_checks():
+    """Warnings raised in the block are printed once it completes: a failing check's error
+    stays the only line."""
+    global _held
+    _held = []
+    try:
+        yield
+        held = _held
+    finally:
+        _held = None
+    for msg in held:
+        warn(msg)
 
 
 def env_world_size() -> int:

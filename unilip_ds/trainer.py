@@ -15,7 +15,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from unilip_ds.config import Config, ConfigError, config_warnings, to_dict, to_yaml, warn
+from unilip_ds.config import (Config, ConfigError, config_warnings, to_dict, to_yaml, warn,
+                              warnings_after_checks)
 from unilip_ds.engine import checkpoint, dist, nonfinite, rundir
 from unilip_ds.engine import elastic
 from unilip_ds.engine.ds_config import check_ds_config, zero_stage
@@ -40,7 +41,13 @@ def to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
 
 
 def prepare(cfg: Config, ds_config_path: str) -> Dict[str, Any]:
-    """Everything that can fail on user input, before any process group or model."""
+    """Everything that can fail on user input, before any process group or model; warnings
+    are printed only when every check passed."""
+    with warnings_after_checks():
+        return _prepare(cfg, ds_config_path)
+
+
+def _prepare(cfg: Config, ds_config_path: str) -> Dict[str, Any]:
     world = dist.world_size()
     ds_raw = check_ds_config(cfg, ds_config_path, world)
     if zero_stage(ds_raw) == 0:
