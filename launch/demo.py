@@ -305,8 +305,8 @@ def main() -> int:
     rows = [r for r in rows if "data/cached_latents" in r]
     if rows:
         print(f"gen_stage2 read its frozen outputs from caches ({', '.join(c for c, _ in CACHE.values())}): "
-              f"latents in {100 * sum(r['data/cached_latents'] for r in rows) / len(rows):.0f}% of the logged "
-              f"steps, prefix in {100 * sum(r['data/cached_prefix'] for r in rows) / len(rows):.0f}%")
+              f"latents for {100 * sum(r['data/cached_latents'] for r in rows) / len(rows):.0f}% of the "
+              f"samples, prefix for {100 * sum(r['data/cached_prefix'] for r in rows) / len(rows):.0f}%")
     print(f"edit, held-out photos: PSNR(edited, target) {gen['psnr_edit']:.2f} dB vs "
           f"PSNR(input, target) {gen['psnr_copy']:.2f} dB (copying the input)")
     print(f"generated | edited grid (rows: caption -> image; input | target | edited): {gen['grid']}")

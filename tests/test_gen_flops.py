@@ -57,3 +57,21 @@ def test_depthwise_conv_backward_counts_groups():
     with bwd:
         y.sum().backward()
     assert bwd.get_total_flops() == 2 * fwd.get_total_flops()
+
+
+def test_cache_speed_flavor_keeps_the_1b_proportions():
+    """benchmarks/cache_speed.py's flavor: the 1b widths / div; layers, heads, tokens kept."""
+    import cache_speed
+
+    from unilip_ds.models.flavors import get_flavor
+    real, small = get_flavor("1b"), get_flavor(cache_speed.scaled_flavor("1b", 8))
+    assert small.text["hidden_size"] * 8 == real.text["hidden_size"]
+    assert small.vision["hidden_size"] * 8 == real.vision["hidden_size"]
+    assert small.sana["cross_attention_dim"] * 8 == real.sana["cross_attention_dim"]
+    for part in ("text", "vision", "sana"):
+        a, b = getattr(real, part), getattr(small, part)
+        for key in ("num_hidden_layers", "num_layers", "num_attention_heads", "num_key_value_heads",
+                    "image_size", "patch_size", "sample_size"):
+            assert a.get(key) == b.get(key), (part, key)
+    assert (small.num_queries, small.connector_layers, small.gen_resolution) == \
+        (real.num_queries, real.connector_layers, real.gen_resolution)
