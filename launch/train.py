@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from unilip_ds.config import ConfigError, check_repeated, load_config, to_yaml  # noqa: E402
+from unilip_ds.config import check_repeated, load_config, to_yaml  # noqa: E402
 
 
 def parse(argv=None):

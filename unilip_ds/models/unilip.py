@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Dict, Mapping, Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F

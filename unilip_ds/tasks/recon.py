@@ -188,7 +188,7 @@ class ReconTask(Task):
     def __init__(self, cfg):
         super().__init__(cfg)
         from unilip_ds.config import ConfigError
-        r, m = cfg.recon, cfg.model
+        r = cfg.recon
         if r.distill_weight > 0 and not r.train_encoder:
             raise ConfigError("config key 'recon.distill_weight': self-distillation needs "
                               "recon.train_encoder=true (a frozen encoder equals its teacher)")
