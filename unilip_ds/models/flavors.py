@@ -68,7 +68,8 @@ _QWEN25 = dict(model_type="qwen2", rope_theta=1000000.0, rms_norm_eps=1e-6,
                max_position_embeddings=32768, hidden_act="silu", tie_word_embeddings=False,
                vocab_size=151674)
 
-# Efficient-Large-Model/Sana_600M_512px_diffusers, transformer/config.json
+# Efficient-Large-Model/Sana_600M_512px_diffusers, transformer/config.json as published
+# (interpolation_scale unset: gen_loading.sana_config makes the positional embedding explicit)
 _SANA_600M_512 = dict(
     in_channels=32, out_channels=32, num_attention_heads=36, attention_head_dim=32, num_layers=28,
     num_cross_attention_heads=16, cross_attention_head_dim=72, cross_attention_dim=1152,

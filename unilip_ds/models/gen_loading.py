@@ -56,6 +56,7 @@ def check_paths(cfg) -> None:
             raise ConfigError("config key 'model.dcae_path': gen.target=dcae and the export "
                               f"{root} holds no DC-AE")
         _check_export_flavor(root, m.flavor, "model.init_from")
+        _check_export_pos_embed(root, cfg)
         return
     paths = {"internvl_path": "InternVL3 -hf directory", "unilip_path": "recon export",
              "sana_path": "SANA diffusers directory"}
@@ -90,6 +91,18 @@ def _check_export_flavor(root: Path, flavor: str, key: str) -> None:
         if theirs and theirs != flavor:
             raise ConfigError(f"config key '{key}': {root} is an export of flavor '{theirs}', "
                               f"this run is model.flavor={flavor}")
+
+
+def _check_export_pos_embed(root: Path, cfg) -> None:
+    """An export's DiT continues with the positional embedding it was trained with."""
+    conf = root / "transformer" / "config.json"
+    if not conf.is_file():
+        return
+    theirs = json.loads(conf.read_text()).get("interpolation_scale") is not None
+    if theirs != cfg.gen.dit_pos_embed:
+        raise ConfigError(f"config key 'gen.dit_pos_embed': the DiT of {root} was trained "
+                          f"{'with' if theirs else 'without'} the positional embedding; set "
+                          f"gen.dit_pos_embed={str(theirs).lower()} to continue it")
 
 
 def load_tokenizer(cfg):
@@ -127,6 +140,17 @@ def mllm_config(cfg):
     return config
 
 
+def sana_config(flavor, pos_embed: bool = True) -> dict:
+    """SanaTransformer2DModel kwargs with `interpolation_scale` explicit (gen.dit_pos_embed):
+    diffusers 0.32's value for an unset key, max(sample_size // 64, 1), or None (no positional
+    embedding). Explicit, so an export's transformer/config.json gives the same function under
+    every diffusers version; the embedding is a non-persistent buffer, so no weight load would
+    ever notice the difference."""
+    sana = dict(flavor.sana)
+    sana["interpolation_scale"] = max(sana["sample_size"] // 64, 1) if pos_embed else None
+    return sana
+
+
 def build_gen_model(cfg, latent_scale: float):
     """GenModel from config only (meta device / zero.Init friendly: no weights read)."""
     from diffusers import AutoencoderDC, SanaTransformer2DModel
@@ -143,7 +167,8 @@ def build_gen_model(cfg, latent_scale: float):
                                caption_channels=flavor.sana["caption_channels"])
     connector.set_attn_implementation(config._attn_implementation)
     dcae = AutoencoderDC(**flavor.dcae) if cfg.gen.target == "dcae" else None
-    return GenModel(mllm, connector, SanaTransformer2DModel(**flavor.sana),
+    dit = SanaTransformer2DModel(**sana_config(flavor, cfg.gen.dit_pos_embed))
+    return GenModel(mllm, connector, dit,
                     Adapter(flavor.d_llm, flavor.latent_channels), DCAEDecoder(**flavor.dcae), dcae,
                     target=cfg.gen.target, latent_scale=latent_scale, resolution=cfg.data.resolution,
                     train_dit=cfg.gen.train_dit, grad_checkpointing=cfg.model.grad_checkpointing)

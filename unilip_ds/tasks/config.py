@@ -43,6 +43,12 @@ class GenConfig:
     # DC-AE's scaling_factor 0.41407)
     latent_scale: Optional[float] = None
     train_dit: bool = True  # False: the DiT is frozen, gradients still flow through it
+    # the fixed 2-D sin-cos positional embedding SANA adds to the latent tokens under the
+    # reference's diffusers 0.32 (the published configs leave interpolation_scale unset, which
+    # 0.32 reads as max(sample_size // 64, 1) = 1 and diffusers >= 0.33 as "no embedding"):
+    # the function UniLIP was trained and released as. False: no embedding (SANA as today's
+    # diffusers builds it). Written into the export's transformer/config.json
+    dit_pos_embed: bool = True
     # a sample's prompt is replaced by the null prompt with this probability (CFG)
     cfg_dropout: float = 0.1
     # flow shift of the training sigmas; the reference's effective value is 1.0 (its
