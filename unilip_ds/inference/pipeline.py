@@ -87,6 +87,9 @@ class UniLIPPipeline(DiffusionPipeline):
             ref = self.preprocess(images)
         if num_inference_steps < 1 or num_images_per_prompt < 1:
             raise ValueError("num_inference_steps and num_images_per_prompt must be >= 1")
+        for name in ("decoder", "dcae"):  # the reference decodes in fp32, whatever the rest runs in
+            if getattr(self, name, None) is not None:
+                getattr(self, name).to(torch.float32)
         out = sample(self.gen_model(), self.prompt_builder(), "edit" if ref is not None else "t2i", prompts,
                      ref, steps=num_inference_steps, guidance=guidance_scale, generator=generator,
                      num_images_per_prompt=num_images_per_prompt, scheduler=self.scheduler)

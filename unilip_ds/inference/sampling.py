@@ -49,18 +49,28 @@ def sample(model, builder, task: str, texts: Sequence[Optional[str]], ref_images
     enc, mask = enc.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
     side = model.resolution // (32 if model.target == "dcae" else 28)
     shape = (b * n, model.transformer.config.in_channels, side, side)
+    latents = denoise(model.velocity, enc, mask, shape, steps=steps, guidance=guidance,
+                      scheduler=scheduler or make_scheduler(flow_shift), generator=generator)
+    return model.decode(latents)
+
+
+@torch.no_grad()
+def denoise(velocity, enc: torch.Tensor, mask: torch.Tensor, shape, steps: int, guidance: float, scheduler,
+            generator: Generators = None) -> torch.Tensor:
+    """The sampling loop on a given condition: `enc` / `mask` hold [uncond; cond] rows when
+    guidance != 1 (else cond only); fp32 latents of `shape` from `generator`, then `steps`
+    scheduler steps of `velocity(x, t, enc, mask)` with CFG v_u + g (v_c - v_u)."""
     from diffusers.utils.torch_utils import randn_tensor
-    latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-    scheduler = scheduler or make_scheduler(flow_shift)
-    scheduler.set_timesteps(steps, device=device)
+    latents = randn_tensor(tuple(shape), generator=generator, device=enc.device, dtype=torch.float32)
+    scheduler.set_timesteps(steps, device=enc.device)
     for t in scheduler.timesteps:
         x = torch.cat([latents, latents]) if guidance != 1.0 else latents
-        v = model.velocity(x, t.expand(x.shape[0]), enc, mask).float()
+        v = velocity(x, t.expand(x.shape[0]), enc, mask).float()
         if guidance != 1.0:
             v_u, v_c = v.chunk(2)
             v = v_u + guidance * (v_c - v_u)
         latents = scheduler.step(v, t, latents, generator=generator).prev_sample
-    return model.decode(latents)
+    return latents
 
 
 def to_pil(images: torch.Tensor) -> List[Image.Image]:

@@ -103,7 +103,7 @@ class GenModel(nn.Module):
     # -- frozen encoders ----------------------------------------------------------------
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] -> (B, N, d_llm) UniLIP features (InternViT + mlp1 output)."""
-        pixels = normalize(images.to(self.dtype), IMAGENET_MEAN, IMAGENET_STD)
+        pixels = normalize(images, IMAGENET_MEAN, IMAGENET_STD, dtype=self.dtype)  # fp32 maths, then cast
         return self.mllm.model.get_image_features(
             pixels, vision_feature_layer=-1, vision_feature_select_strategy="default").pooler_output
 
@@ -111,23 +111,23 @@ class GenModel(nn.Module):
     def target_latent(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] (already squashed to the target size) -> scaled target latent."""
         if self.target == "dcae":
-            z = self.dcae.encode(images.to(self.dtype) * 2 - 1).latent
+            z = self.dcae.encode((images.float() * 2 - 1).to(self.dtype)).latent
         else:
             z = self.adapter.to_latent(self.image_features(images))
         return z * self.latent_scale
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """Scaled latent -> fp32 images in [0, 1] (UniLIP: resized to `resolution`, as the
-        reference's 28/32 bilinear resize; DC-AE: its own 512 px)."""
-        z = (latent / self.latent_scale).to(self.dtype)
-        if self.target == "dcae":
-            out = self.dcae.decode(z).sample.float()
-        else:
-            out = self.decoder(z).float()
+        """Scaled latent -> fp32 images in [0, 1], as the reference: the latent divided by the
+        scale in fp32, decoded in the decoder's own dtype (fp32 in UniLIPPipeline), clamped,
+        then (UniLIP) the 28/32 bilinear resize to `resolution`; DC-AE: its own 512 px."""
+        decoder = self.dcae if self.target == "dcae" else self.decoder
+        z = (latent.float() / self.latent_scale).to(next(decoder.parameters()).dtype)
+        out = (decoder.decode(z).sample if self.target == "dcae" else decoder(z)).float().clamp(-1, 1)
+        if self.target != "dcae":
             out = F.interpolate(out, size=(self.resolution, self.resolution), mode="bilinear",
                                 align_corners=False)
-        return (out.clamp(-1, 1) + 1) / 2
+        return (out + 1) / 2
 
     # -- condition ----------------------------------------------------------------------
     @torch.no_grad()
@@ -174,9 +174,7 @@ class GenModel(nn.Module):
     # -- DiT ----------------------------------------------------------------------------
     def velocity(self, x: torch.Tensor, timestep: torch.Tensor, enc: torch.Tensor,
                  mask: torch.Tensor) -> torch.Tensor:
-        return self.transformer(x.to(self.dtype), encoder_hidden_states=enc.to(self.dtype),
-                                encoder_attention_mask=mask.to(self.dtype),
-                                timestep=timestep.to(x.device), return_dict=False)[0]
+        return dit_velocity(self.transformer, x, timestep, enc, mask, self.dtype)
 
     def forward(self, prompts: Optional[PromptBatch], image: Optional[torch.Tensor] = None,
                 ref_image: Optional[torch.Tensor] = None, target: Optional[torch.Tensor] = None,
@@ -194,14 +192,31 @@ class GenModel(nn.Module):
                 self.image_features(ref_image) if ref_image is not None else None
             prefix = self.prefix(prompts, feats)
         enc, mask = self.condition(prefix)
-        b = x0.shape[0]
-        if u is None:
-            u = torch.sigmoid(torch.randn(b))  # CPU generator: identical on every device
-        sigma = train_sigmas(u, shift).to(x0.device)
-        if noise is None:  # not randn_like: x0's strides (channels-last from the adapter's
-            noise = torch.randn(x0.shape, dtype=x0.dtype, device=x0.device)  # reshape) would reorder it
-        s = sigma.view(-1, 1, 1, 1)
-        x_t = (1 - s) * x0 + s * noise
-        pred = self.velocity(x_t, sigma * NUM_TRAIN_TIMESTEPS, enc, mask)
-        per_sample = (pred.float() - (noise - x0)).pow(2).flatten(1).mean(1)
-        return {"loss": per_sample, "sigma": sigma}
+        return flow_loss(self.velocity, x0, enc, mask, u=u, noise=noise, shift=shift)
+
+
+def dit_velocity(transformer: nn.Module, x: torch.Tensor, timestep: torch.Tensor, enc: torch.Tensor,
+                 mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The SANA DiT's velocity for latents `x` at `timestep` (sigma x 1000), conditioned on the
+    projected sequence `enc` with its padding `mask`."""
+    return transformer(x.to(dtype), encoder_hidden_states=enc.to(dtype), encoder_attention_mask=mask.to(dtype),
+                       timestep=timestep.to(x.device), return_dict=False)[0]
+
+
+def flow_loss(velocity, x0: torch.Tensor, enc: torch.Tensor, mask: torch.Tensor,
+              u: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
+              shift: float = 1.0) -> Dict[str, torch.Tensor]:
+    """Rectified-flow loss per sample (fp32, (B,)) of `velocity(x_t, t, enc, mask)` on clean
+    latents x0: x_t = (1 - sigma) x0 + sigma eps, target eps - x0. `u` (logit-normal draws) and
+    `noise` are drawn here unless given."""
+    b = x0.shape[0]
+    if u is None:
+        u = torch.sigmoid(torch.randn(b))  # CPU generator: identical on every device
+    sigma = train_sigmas(u, shift).to(x0.device)
+    if noise is None:  # not randn_like: x0's strides (channels-last from the adapter's
+        noise = torch.randn(x0.shape, dtype=x0.dtype, device=x0.device)  # reshape) would reorder it
+    s = sigma.view(-1, 1, 1, 1)
+    x_t = (1 - s) * x0 + s * noise
+    pred = velocity(x_t, sigma * NUM_TRAIN_TIMESTEPS, enc, mask)
+    per_sample = (pred.float() - (noise - x0)).pow(2).flatten(1).mean(1)
+    return {"loss": per_sample, "sigma": sigma}

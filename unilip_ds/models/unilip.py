@@ -203,10 +203,12 @@ class DCAEDecoder(ModelMixin, ConfigMixin):
         load_state_dict_into(self, sd, strict=True, what=f"DC-AE decoder {path}")
 
 
-def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
-    m = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    return (images - m) / s
+def normalize(images: torch.Tensor, mean, std, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """(images - mean) / std computed in fp32, as the reference's image processor (in bf16 the
+    constants themselves round: 0.485 -> 0.4844), then cast to `dtype` (default: the images')."""
+    m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    return ((images.float() - m) / s).to(dtype or images.dtype)
 
 
 def _checkpointed(fn, module, x):
