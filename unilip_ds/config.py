@@ -72,6 +72,8 @@ class TrainConfig:
     # FAULT INJECTION, for the tests of the above: the n-th micro-batch (1-based, counted
     # per process since it started) of the last rank is filled with NaN
     test_nan_batches: List[int] = field(default_factory=list)
+    # ... or keeps its (finite) loss but back-propagates infinite gradients
+    test_inf_grad_batches: List[int] = field(default_factory=list)
 
 
 @dataclass

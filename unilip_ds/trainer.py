@@ -167,7 +167,7 @@ class Trainer:
 
     def _loop(self, it, sums, counts, window, first) -> None:
         cfg = self.cfg
-        drawn = 0  # micro-batches drawn by this process (train.test_nan_batches)
+        drawn = 0  # micro-batches drawn by this process (train.test_nan_batches / test_inf_grad_batches)
         self.watchdog.beat(f"step {self.step + 1} (evaluation)")
         if cfg.train.eval_every and self.step == 0:
             self.evaluate()  # the baseline the run improves on
@@ -194,6 +194,8 @@ class Trainer:
                 for phase in phases:
                     loss, terms = self.task.loss(phase, batch, self.step, self.engines)
                     loss, finite = nonfinite.guard_loss(loss)
+                    if drawn in cfg.train.test_inf_grad_batches and self.rank == self.world - 1:
+                        loss = nonfinite.infinite_grads(loss)  # fault injection (tests)
                     if not finite:  # this rank's keys: the one place they are known
                         log.warning(f"step {self.step + 1}: non-finite loss ({phase}) on rank "
                                     f"{self.rank}, batch keys {batch['__key__']}")

@@ -70,6 +70,15 @@ def build_ds_config(cfg: Config, raw: Dict[str, Any], world_size: int, lr: float
     _fill(ds, "gradient_clipping", t.grad_clip, "", "train.grad_clip")
     bf16 = ds.setdefault("bf16", {})
     _fill(bf16, "enabled", t.precision == "bf16", "bf16.", "train.precision")
+    # a step with a non-finite gradient norm must be skipped (train.on_nonfinite): DeepSpeed's
+    # check is on by default in bf16, but a JSON may turn it off; write it out explicitly
+    if bf16.get("check_grad_overflow", AUTO) not in (AUTO, True):
+        raise ConfigError("ds_config 'bf16.check_grad_overflow': must stay true (a step with a non-finite "
+                          "gradient norm is skipped, train.on_nonfinite); remove it")
+    bf16["check_grad_overflow"] = True
+    if (ds.get("zero_optimization") or {}).get("compute_grad_norm") is False:
+        raise ConfigError("ds_config 'zero_optimization.compute_grad_norm': false turns off the check that "
+                          "skips a step with a non-finite gradient norm (train.on_nonfinite); remove it")
     if (ds.get("fp16") or {}).get("enabled") not in (None, False, AUTO):
         raise ConfigError("ds_config 'fp16.enabled': fp16 is not supported; use train.precision=bf16")
     ds["fp16"] = {"enabled": False}

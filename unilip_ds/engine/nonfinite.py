@@ -38,6 +38,22 @@ def guard_loss(loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return (loss if finite else loss * float("nan")), finite
 
 
+class _InfiniteGrads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("inf"))
+
+
+def infinite_grads(loss: torch.Tensor) -> torch.Tensor:
+    """The same (finite) loss, whose backward gives infinite / NaN gradients (fault injection:
+    train.test_inf_grad_batches). The skip must come from the gradient norm, not the loss."""
+    return _InfiniteGrads.apply(loss)
+
+
 def skipped_steps(engine: Any) -> int:
     return int(getattr(engine, "skipped_steps", 0))
 
