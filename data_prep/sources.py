@@ -4,11 +4,30 @@ A source is cut into units (one source tar, or a chunk of folder pairs / json re
 that workers process independently; the order of units and of samples inside a unit is
 deterministic, so the output does not depend on the number of workers.
 
+Layouts (see README "Data" for the published sets and their commands):
+  tars      webdataset tars of <key>.jpg + <key>.txt (t2i) or <key>.input.jpg +
+            <key>.output.jpg + <key>.txt (edit)
+  folders   the same members as loose files, at any depth
+  json      a list of records (a .json holding JSON Lines is accepted too); field names
+            detected (FIELDS) or given. Image paths are relative to --image-root, by
+            default the json's folder, or the task folder for a json inside a
+            `metadata/` folder (GPT-Image-Edit-1.5M: <src>/<task>/metadata/<src>_<task>.json
+            naming input/<id>.png, output/<id>.png). LLaVA-style records (`image: [in,
+            out]`, `conversations`) give image[0] / image[-1] and the instruction from
+            conversations[0].value with `<image>` and newlines removed; records with
+            other than 2 images are skipped (`not_single_turn`), as the reference does.
+            When the image root holds .tar files (ShareGPT-4o-Image's *_part_N.tar),
+            images are read from them by member name, through an index of the tars
+            built once (kept in the staging folder), without extracting them.
+  list      a .txt of `img_dir,json[,flag]` lines (the reference's gptedit.txt; relative
+            paths are relative to the list file's folder)
+
 Sample kinds and the members they become in the output shards:
   t2i : <key>.jpg, <key>.txt (caption), <key>.json (provenance)
   edit: <key>.input.jpg, <key>.output.jpg, <key>.txt (instruction), <key>.json
 Every image member is a JPEG (other formats, and images re-encoded with --resize, are
-written as JPEG).
+written as JPEG). <key> is the first 16 hex digits of the sample's content hash: of
+(image, caption) for t2i, of (input, output, instruction) for edit.
 """
 
 from __future__ import annotations
@@ -17,9 +36,10 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from PIL import Image
 
@@ -29,6 +49,7 @@ from unilip_ds.data.storage import StorageError
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTS = ("txt", "caption")
 UNIT_RECORDS = 128  # folder pairs / json records per unit
+ARCHIVE_PART = re.compile(r"\.tar\.gz\.part\d+$|\.tar\.gz$|\.tgz$")
 
 # json field names tried in order (GPT-Image-Edit, ShareGPT-4o-Image and similar layouts)
 FIELDS = {
@@ -38,13 +59,24 @@ FIELDS = {
     "text": ("instruction", "caption", "prompt", "input_prompt", "edit_instruction", "text"),
 }
 
+# records left out by design (not losses): not counted against --max-skip-rate
+FILTERED = ("not_single_turn", "several_input_images", "edit_record", "t2i_record")
+# reasons that may go away when the input is fixed: a unit with one is redone on a re-run
+RETRY = ("unreadable_file", "corrupt_tar", "missing_image", "missing_input_image",
+         "missing_output_image")
+EXAMPLES = 3  # offending paths kept per reason and unit
+
+# where an image is: a url, or (tar url, data offset, size) of a member of an image tar
+Loc = Union[str, Tuple[str, int, int]]
+
 
 class PrepError(ValueError):
     """Bad data_prep input or arguments; one line."""
 
 
 class Skip(Exception):
-    """A sample is dropped; args[0] is the reason counted in the manifest."""
+    """A sample is dropped; args[0] is the reason counted in the manifest, args[1] (if
+    given) the offending path."""
 
 
 @dataclass
@@ -53,10 +85,15 @@ class Unit:
     kind: str  # t2i | edit
     source: str  # "tar" | "folder" | "json"
     url: str = ""  # the tar (source="tar") or the json file (source="json")
-    # folder: [(ref, {part: url})]; json: [(ref, record)]
+    # folder: [(ref, {role: url})]; json: [(ref, {role: Loc | text | None} or skip reason)]
     items: List[Tuple[str, Any]] = field(default_factory=list)
-    image_root: str = ""
-    fields: Dict[str, str] = field(default_factory=dict)
+
+    def identity(self) -> str:
+        """What the unit covers (checked when a re-run reuses its staged result)."""
+        h = hashlib.sha256(f"{self.kind}|{self.source}|{self.url}|{len(self.items)}".encode())
+        for ref, _ in self.items[:1] + self.items[-1:]:
+            h.update(ref.encode())
+        return h.hexdigest()[:16]
 
 
 @dataclass
@@ -109,25 +146,53 @@ def check_text(data: Optional[bytes], what: str = "caption") -> str:
     return text
 
 
-def build_sample(kind: str, parts: Dict[str, Optional[bytes]], ref: str,
-                 opts: Options) -> Tuple[str, Dict[str, bytes]]:
-    """Validate one raw sample -> (content hash, {member ext: bytes}); raises Skip."""
+def _sha(b: bytes) -> bytes:
+    return hashlib.sha256(b).digest()
+
+
+def build_sample(kind: str, parts: Dict[str, Any], ref: str, opts: Options,
+                 cfg: Any = None) -> Tuple[bytes, Dict[str, bytes]]:
+    """Validate one raw sample -> (content digest, {member ext: bytes}); raises Skip.
+    Image parts are bytes or a Loc (read here); text parts bytes, str or None."""
     meta = json.dumps({"source": ref}).encode()
     if kind == "t2i":
-        raw = parts.get("image")
-        caption = check_text(parts.get("text"), "caption")
+        caption = check_text(_text(parts.get("text"), "caption", cfg), "caption")
+        raw = load(parts.get("image"), "image", cfg)
         image = check_image(raw, opts, "image")
-        digest = hashlib.sha256(raw).hexdigest()  # type: ignore[arg-type]
+        digest = _sha(_sha(raw) + _sha(caption.encode()))  # type: ignore[arg-type]
         return digest, {"jpg": image, "txt": caption.encode(), "json": meta}
-    raw_in, raw_out = parts.get("input"), parts.get("output")
-    instruction = check_text(parts.get("text"), "instruction")
+    instruction = check_text(_text(parts.get("text"), "instruction", cfg), "instruction")
+    raw_in = load(parts.get("input"), "input_image", cfg)
+    raw_out = load(parts.get("output"), "output_image", cfg)
     image_in = check_image(raw_in, opts, "input_image")
     image_out = check_image(raw_out, opts, "output_image")
-    h = hashlib.sha256()
-    for b in (raw_in, raw_out, instruction.encode()):
-        h.update(hashlib.sha256(b).digest())  # type: ignore[arg-type]
-    return h.hexdigest(), {"input.jpg": image_in, "output.jpg": image_out,
-                           "txt": instruction.encode(), "json": meta}
+    digest = _sha(_sha(raw_in) + _sha(raw_out) + _sha(instruction.encode()))  # type: ignore
+    return digest, {"input.jpg": image_in, "output.jpg": image_out,
+                    "txt": instruction.encode(), "json": meta}
+
+
+def _text(v: Any, what: str, cfg: Any = None) -> Optional[bytes]:
+    if isinstance(v, TextFile):
+        return load(str(v), what, cfg)
+    return v.encode() if isinstance(v, str) else v
+
+
+def load(part: Any, what: str, cfg: Any = None) -> Optional[bytes]:
+    """The bytes of an image part: already bytes, None, or read from its Loc. A file
+    that does not exist is `missing_<what>`; one that cannot be read `unreadable_file`."""
+    if part is None or isinstance(part, bytes):
+        return part
+    if isinstance(part, tuple):
+        url, off, n = part
+        where = f"{url}@{off}"
+    else:
+        url, off, n, where = part, 0, None, part
+    try:
+        return storage.read_bytes(url, cfg, start=off, length=n)
+    except StorageError:
+        if not storage.is_s3(url) and not os.path.exists(storage.local_path(url)):
+            raise Skip(f"missing_{what}", where) from None
+        raise Skip("unreadable_file", where) from None
 
 
 # --------------------------------------------------------------------------- reading
@@ -151,32 +216,26 @@ def _role(kind: str, ext: str) -> Optional[str]:
     return None
 
 
-def read_unit(unit: Unit, counts: Dict[str, int],
-              cfg: Any = None) -> Iterator[Tuple[str, Dict[str, Optional[bytes]]]]:
-    """Raw samples (ref, parts) of a unit. Problems with the container itself (corrupt
-    tar, unreadable file) are counted in `counts` and end or skip what they affect."""
+def read_unit(unit: Unit, counts: Dict[str, int], examples: Dict[str, List[str]],
+              cfg: Any = None) -> Iterator[Tuple[str, Any]]:
+    """Raw samples (ref, parts) of a unit; parts is a dict, or a skip reason decided
+    when the unit was planned. Problems with the container itself (a corrupt tar) are
+    counted in `counts` and end what they affect."""
     if unit.source == "tar":
-        yield from _read_tar(unit, counts, cfg)
-    elif unit.source == "folder":
-        for ref, urls in unit.items:
-            parts: Dict[str, Optional[bytes]] = {}
-            for role, url in urls.items():
-                parts[role] = _read_or_count(url, counts, cfg)
-            yield ref, parts
+        yield from _read_tar(unit, counts, examples, cfg)
     else:
-        for ref, rec in unit.items:
-            yield ref, _json_parts(unit, rec, counts, cfg)
+        yield from unit.items
 
 
-def _read_or_count(url: str, counts: Dict[str, int], cfg: Any) -> Optional[bytes]:
-    try:
-        return storage.read_bytes(url, cfg)
-    except StorageError:
-        counts["unreadable_file"] = counts.get("unreadable_file", 0) + 1
-        return None
+def note(counts: Dict[str, int], examples: Dict[str, List[str]], reason: str,
+         path: str) -> None:
+    counts[reason] = counts.get(reason, 0) + 1
+    ex = examples.setdefault(reason, [])
+    if len(ex) < EXAMPLES:
+        ex.append(path)
 
 
-def _read_tar(unit: Unit, counts: Dict[str, int], cfg: Any):
+def _read_tar(unit: Unit, counts: Dict[str, int], examples: Dict[str, List[str]], cfg: Any):
     key, parts = None, {}
     try:
         with storage.open_shard(unit.url, cfg) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
@@ -199,39 +258,275 @@ def _read_tar(unit: Unit, counts: Dict[str, int], cfg: Any):
                     raise tarfile.ReadError("data after the end of the archive")
     except (tarfile.TarError, EOFError, OSError, StorageError):
         # a corrupt member or truncated tar ends this source tar; what came before stays
-        counts["corrupt_tar"] = counts.get("corrupt_tar", 0) + 1
+        note(counts, examples, "corrupt_tar", unit.url)
         key = None
     if key is not None:
         yield f"{unit.url}#{key}", parts
 
 
-def _field(rec: Dict[str, Any], role: str, fields: Dict[str, str]) -> Any:
+# ---------------------------------------------------------------------------- listing
+
+def walk(url: str, cfg: Any = None) -> List[str]:
+    """Files under a directory or s3 prefix, sorted; local symlinked folders are
+    followed (each real folder once)."""
+    if storage.is_s3(url):
+        return storage.list_files(url, cfg, recursive=True)
+    root = storage.local_path(url)
+    scheme = "file://" if url.startswith("file://") else ""
+    seen, out = set(), []
+    for d, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(d)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        out += [os.path.join(d, f) for f in files]
+    return sorted(scheme + p for p in out)
+
+
+def stat(url: str, cfg: Any = None) -> Dict[str, Any]:
+    """What identifies a version of a source file: size and mtime (or S3 ETag)."""
+    if storage.is_s3(url):
+        info = storage.with_retry(lambda: storage.s3_filesystem(cfg).info(storage.s3_key(url)),
+                                  url, cfg)
+        return {"size": int(info.get("size", 0)),
+                "etag": str(info.get("ETag") or info.get("etag") or "").strip('"')}
+    st = os.stat(storage.local_path(url))
+    return {"size": st.st_size, "mtime": st.st_mtime_ns}
+
+
+@dataclass
+class Source:
+    """One --src as found: its layout and the files it is read from."""
+    spec: str
+    layout: str  # tar | folder | json | list
+    files: List[str]  # tars, jsons, list files, or folder files
+    image_tars: Dict[str, List[str]] = field(default_factory=dict)  # image root -> tars
+
+
+def _is_image(url: str) -> bool:
+    return _split_name(url)[1].rpartition(".")[2] in IMAGE_EXTS
+
+
+def find_sources(srcs: List[str], kind: str, cfg: Any = None,
+                 image_root: Optional[str] = None) -> List[Source]:
+    """Resolve each --src to its layout and files (no records read yet)."""
+    from unilip_ds.data.shards import list_shards
+
+    out: List[Source] = []
+    for src in srcs:
+        src = src.rstrip("/") if len(src) > 1 else src
+        if any(c in src for c in "{*?["):
+            files = list_shards([src], cfg) if src.endswith(".tar") else storage.glob(src, cfg)
+        elif storage.isdir(src, cfg):
+            files = walk(src, cfg)
+        elif storage.exists(src, cfg):
+            files = [src]
+        else:
+            raise PrepError(f"--src {src}: no such file, directory or prefix")
+        if len(files) == 1 and files[0] == src and src.endswith(".txt") and _is_list(src, cfg):
+            out.append(Source(src, "list", [src]))
+            continue
+        tars = [f for f in files if f.endswith(".tar")]
+        jsons = [f for f in files if f.endswith((".json", ".jsonl"))]
+        if jsons and not (kind == "t2i" and any(map(_is_image, files)) and not tars):
+            # json records; tars in their image root (ShareGPT-4o-Image) hold their images
+            roots = {image_root.rstrip("/")} if image_root else {_default_root(j) for j in jsons}
+            stores = {r: [f for f in storage.list_files(r, cfg) if f.endswith(".tar")]
+                      for r in sorted(roots) if storage.isdir(r, cfg)}
+            out.append(Source(src, "json", jsons, {r: t for r, t in stores.items() if t}))
+        elif tars:
+            out.append(Source(src, "tar", tars))
+        else:
+            pairs = [f for f in files if _role(kind, _split_name(f)[1]) is not None]
+            if not pairs:
+                parts = [f for f in files if ARCHIVE_PART.search(f)]
+                if parts:
+                    raise PrepError(
+                        f"--src {src}: holds archives ({os.path.basename(parts[0])} ...) but "
+                        f"no metadata json; extract them first: cd {src} && for a in "
+                        f"$(ls *.tar.gz.part* | sed 's/\\.part[0-9]*$//' | sort -u); do cat "
+                        f"$a.part* | tar -xzf -; done (README, Data)")
+                raise PrepError(f"--src {src}: no tars, json records or image+text pairs found")
+            out.append(Source(src, "folder", pairs))
+    return out
+
+
+def _is_list(url: str, cfg: Any) -> bool:
+    lines = [ln for ln in storage.read_bytes(url, cfg).decode("utf-8", "replace").splitlines()
+             if ln.strip()]
+    return bool(lines) and all(len(ln.split(",")) >= 2 and
+                               ln.split(",")[1].strip().endswith((".json", ".jsonl"))
+                               for ln in lines)
+
+
+def _default_root(json_url: str) -> str:
+    """A json's image root: its folder, or the task folder of a `metadata/` json."""
+    folder = storage.parent(json_url)
+    if folder.rstrip("/").rsplit("/", 1)[-1] == "metadata":
+        return storage.parent(folder)
+    return folder
+
+
+def source_files(sources: List[Source], cfg: Any = None) -> Dict[str, Any]:
+    """The fingerprint of the inputs: every container file with its size and mtime /
+    ETag (a folder of loose pairs by count and one digest over its files)."""
+    fp: Dict[str, Any] = {}
+    for s in sources:
+        if s.layout == "folder":
+            h = hashlib.sha256()
+            for f in s.files:
+                st = stat(f, cfg)
+                h.update(f"{f}|{st}".encode())
+            fp[f"{s.spec} (folder)"] = {"files": len(s.files), "digest": h.hexdigest()[:16]}
+            continue
+        files = list(s.files) + [t for ts in s.image_tars.values() for t in ts]
+        if s.layout == "list":
+            files += [j for _, j in _list_entries(s.spec, cfg)]
+        for f in files:
+            fp[f] = stat(f, cfg)
+    return fp
+
+
+def _list_entries(url: str, cfg: Any) -> List[Tuple[str, str]]:
+    """(image dir, json) of each line of a list file, resolved against its folder."""
+    base = storage.parent(url)
+    out = []
+    for ln in storage.read_bytes(url, cfg).decode("utf-8").splitlines():
+        if not ln.strip():
+            continue
+        cols = [c.strip() for c in ln.split(",")]
+        img_dir, js = (_resolve(base, c) for c in cols[:2])
+        out.append((img_dir, js))
+    return out
+
+
+def _resolve(base: str, path: str) -> str:
+    return path if storage.is_s3(path) or os.path.isabs(path) else storage.join(base, path)
+
+
+def load_records(url: str, cfg: Any = None) -> List[Dict[str, Any]]:
+    """A json list of records, a {"key": [records]} / {id: record} object, or JSON
+    Lines (in a .jsonl or a .json file)."""
+    text = storage.read_bytes(url, cfg).decode("utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        try:
+            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError:
+            raise PrepError(f"--src {url}: not valid json or JSON Lines ({exc})") from None
+    if isinstance(data, dict):  # {"data": [...]} / {"id": record}
+        lists = [v for v in data.values() if isinstance(v, list)]
+        data = lists[0] if len(lists) == 1 else list(data.values())
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise PrepError(f"--src {url}: expected a list of records")
+    return data
+
+
+def index_tars(tars: List[str], cfg: Any = None,
+               progress: Callable[[str], None] = lambda t: None) -> Dict[str, Tuple[str, int, int]]:
+    """member name -> (tar url, data offset, size), reading only the tar headers."""
+    index: Dict[str, Tuple[str, int, int]] = {}
+    for t in tars:
+        progress(t)
+        if storage.is_s3(t):
+            f = storage.s3_filesystem(cfg).open(storage.s3_key(t), "rb", block_size=1 << 16)
+        else:
+            f = open(storage.local_path(t), "rb")
+        with f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for m in tar:
+                if m.isfile():
+                    index[_norm(m.name)] = (t, m.offset_data, m.size)
+    return index
+
+
+def _norm(path: str) -> str:
+    path = path.replace("\\", "/")
+    while path.startswith("./"):
+        path = path[2:]
+    return path.lstrip("/")
+
+
+class _Resolver:
+    """Turns a record's image path into a Loc: a member of the root's image tars (by
+    name, or by name below the tars' top folder), else a file under the root."""
+
+    def __init__(self, root: str, index: Optional[Dict[str, Tuple[str, int, int]]]):
+        self.root, self.index = root, index
+        self.short: Optional[Dict[str, Tuple[str, int, int]]] = None
+
+    def __call__(self, path: str) -> Loc:
+        if self.index is not None and not (storage.is_s3(path) or os.path.isabs(path)):
+            p = _norm(path)
+            hit = self.index.get(p)
+            if hit is None:
+                if self.short is None:
+                    self.short = {}
+                    for k, v in self.index.items():
+                        if "/" in k:
+                            self.short.setdefault(k.split("/", 1)[1], v)
+                hit = self.short.get(p)
+            if hit is not None:
+                return hit
+        return _resolve(self.root, path)
+
+
+def _field(rec: Dict[str, Any], role: str, fields: Dict[str, str]) -> Tuple[bool, Any]:
     names = (fields[role],) if fields.get(role) else FIELDS[role]
+    present = False
     for name in names:
+        if name in rec:
+            present = True
         if rec.get(name) is not None:  # "" counts: an empty instruction is "empty"
-            return rec[name]
-    return None
+            return True, rec[name]
+    return present, None
 
 
-def _json_parts(unit: Unit, rec: Dict[str, Any], counts: Dict[str, int], cfg: Any):
-    roles = ("input", "output", "text") if unit.kind == "edit" else ("image", "text")
-    parts: Dict[str, Optional[bytes]] = {}
+def record_parts(rec: Dict[str, Any], kind: str, fields: Dict[str, str],
+                 resolve: Callable[[str], Loc]) -> Union[str, Dict[str, Any]]:
+    """{role: Loc | text | None} of one json record, or the reason it is skipped."""
+    llava = isinstance(rec.get("image"), list) and "conversations" in rec and not fields
+    if llava:
+        images = rec["image"]
+        if len(images) != 2:
+            return "not_single_turn"
+        try:
+            text = rec["conversations"][0]["value"]
+        except (KeyError, IndexError, TypeError):
+            text = None
+        if isinstance(text, str):
+            text = text.replace("<image>", "").replace("\n", "")
+        vals = {"input": images[0], "output": images[-1], "image": images[-1]}
+        roles = ("input", "output") if kind == "edit" else ("image",)
+        out: Dict[str, Any] = {r: resolve(vals[r]) if isinstance(vals[r], str) and vals[r]
+                               else None for r in roles}
+        out["text"] = text
+        return out
+    parts: Dict[str, Any] = {}
+    if kind == "t2i":
+        has_input, value = _field(rec, "input", {})
+        if value and not fields.get("image") and "image" not in rec:
+            return "edit_record"  # a t2i run over a folder holding edit records too
+    roles = ("input", "output", "text") if kind == "edit" else ("image", "text")
     for role in roles:
-        value = _field(rec, role, unit.fields)
+        present, value = _field(rec, role, fields)
+        if role == "input" and not present and not fields.get("input") \
+                and _field(rec, "output", fields)[1] is not None:
+            return "t2i_record"  # an edit run over a folder holding t2i records too
         if isinstance(value, list):  # ShareGPT-4o-Image lists input images
-            value = value[0] if len(value) == 1 else None
+            if len(value) > 1:
+                return "several_input_images"
+            value = value[0] if value else None
         if role == "text":
-            parts[role] = None if value is None else str(value).encode()
+            parts[role] = None if value is None else str(value)
         elif isinstance(value, str) and value:
-            url = value if storage.is_s3(value) or os.path.isabs(value) else \
-                storage.join(unit.image_root, value)
-            parts[role] = _read_or_count(url, counts, cfg)
+            parts[role] = resolve(value)
         else:
             parts[role] = None
     return parts
 
-
-# ---------------------------------------------------------------------------- listing
 
 def _chunks(items: Sequence[Tuple[str, Any]], kind: str, source: str, start: int,
             **kw: Any) -> List[Unit]:
@@ -250,59 +545,42 @@ def _folder_units(files: List[str], kind: str, start: int) -> List[Unit]:
     items = []
     for key in sorted(groups):
         urls = groups[key]
-        # a missing role becomes a url that does not exist -> counted as missing
-        items.append((key, {r: urls[r] for r in roles if r in urls}))
+        parts: Dict[str, Any] = {r: urls.get(r) for r in roles}
+        if parts["text"] is not None:
+            parts["text"] = TextFile(parts["text"])
+        items.append((key, parts))
     return _chunks(items, kind, "folder", start)
 
 
-def _load_records(url: str, cfg: Any) -> List[Dict[str, Any]]:
-    text = storage.read_bytes(url, cfg).decode("utf-8")
-    try:
-        if url.endswith(".jsonl"):
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise PrepError(f"--src {url}: not valid json ({exc})") from None
-    if isinstance(data, dict):  # {"data": [...]} / {"id": record}
-        lists = [v for v in data.values() if isinstance(v, list)]
-        data = lists[0] if len(lists) == 1 else list(data.values())
-    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise PrepError(f"--src {url}: expected a list of records")
-    return data
+class TextFile(str):
+    """A caption file's url (read by the worker)."""
 
 
-def plan_units(srcs: List[str], kind: str, cfg: Any = None, image_root: Optional[str] = None,
-               fields: Optional[Dict[str, str]] = None) -> List[Unit]:
-    """Cut the sources into units. Each src is a tar / json file, a brace or glob pattern
-    of them, or a directory / s3 prefix holding tars, json files or image+text files."""
-    from unilip_ds.data.shards import list_shards
-
+def plan_units(sources: List[Source], kind: str, cfg: Any = None,
+               image_root: Optional[str] = None, fields: Optional[Dict[str, str]] = None,
+               tar_index: Optional[Callable[[List[str]], Dict[str, Tuple[str, int, int]]]] = None
+               ) -> List[Unit]:
+    """Cut the sources into units. json records are reduced to their image locations
+    and text here (the workers get no whole records)."""
+    fields = dict(fields or {})
+    tar_index = tar_index or (lambda tars: index_tars(tars, cfg))
     units: List[Unit] = []
-    for src in srcs:
-        src = src.rstrip("/") if len(src) > 1 else src
-        if any(c in src for c in "{*?["):
-            files = list_shards([src], cfg) if src.endswith(".tar") else storage.glob(src, cfg)
-        elif storage.isdir(src, cfg):
-            files = storage.list_files(src, cfg, recursive=True)
-        elif storage.exists(src, cfg):
-            files = [src]
-        else:
-            raise PrepError(f"--src {src}: no such file, directory or prefix")
+    for s in sources:
         before = len(units)
-        tars = [f for f in files if f.endswith(".tar")]
-        jsons = [f for f in files if f.endswith((".json", ".jsonl"))]
-        images = [f for f in files if _split_name(f)[1].rpartition(".")[2] in IMAGE_EXTS]
-        if tars:
-            units += [Unit(len(units) + i, kind, "tar", url=t) for i, t in enumerate(tars)]
-        elif jsons and not (kind == "t2i" and images):
-            for j in jsons:
-                recs = _load_records(j, cfg)
-                items = [(f"{j}#{i}", r) for i, r in enumerate(recs)]
-                units += _chunks(items, kind, "json", len(units), url=j,
-                                 image_root=image_root or storage.parent(j),
-                                 fields=dict(fields or {}))
+        if s.layout == "tar":
+            units += [Unit(len(units) + i, kind, "tar", url=t) for i, t in enumerate(s.files)]
+        elif s.layout == "folder":
+            units += _folder_units(s.files, kind, len(units))
         else:
-            units += _folder_units(files, kind, len(units))
+            jobs = (_list_entries(s.spec, cfg) if s.layout == "list" else
+                    [(image_root or _default_root(j), j) for j in s.files])
+            for root, j in jobs:
+                tars = s.image_tars.get(root, [])
+                resolve = _Resolver(root, tar_index(tars) if tars else None)
+                items = []
+                for i, rec in enumerate(load_records(j, cfg)):
+                    items.append((f"{j}#{i}", record_parts(rec, kind, fields, resolve)))
+                units += _chunks(items, kind, "json", len(units), url=j)
         if len(units) == before:
-            raise PrepError(f"--src {src}: no tars, json records or image+text pairs found")
+            raise PrepError(f"--src {s.spec}: no tars, json records or image+text pairs found")
     return units

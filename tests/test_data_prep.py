@@ -67,10 +67,11 @@ def test_folder_to_even_shards_with_manifest(tmp_path):
         assert set(parts) == {"jpg", "txt", "json"}
         source_key = Path(json.loads(parts["json"])["source"]).name
         assert parts["txt"].decode() == captions[source_key]
-        # not resized: the original JPEG bytes, and the key is their content hash
+        # not resized: the original JPEG bytes; the key is the hash of (image, caption)
         original = (src / f"{source_key}.jpg").read_bytes()
         assert parts["jpg"] == original
-        assert key == hashlib.sha256(original).hexdigest()[:16]
+        sha = lambda b: hashlib.sha256(b).digest()  # noqa: E731
+        assert key == hashlib.sha256(sha(original) + sha(parts["txt"])).hexdigest()[:16]
 
 
 def _jpeg(im, **kw):
@@ -91,7 +92,9 @@ def test_bad_inputs_are_skipped_and_counted(tmp_path):
         "latin.jpg": _jpeg(Image.new("RGB", (32, 32), (7, 8, 9))), "latin.txt": b"caf\xe9",
         "orphan.txt": b"a caption without image",
         "tiny.jpg": _jpeg(Image.new("RGB", (8, 8))), "tiny.txt": b"too small",
-        "zdup.jpg": good, "zdup.txt": b"the same astronaut again",
+        "zdup.jpg": good, "zdup.txt": (src / "astronaut_00000.txt").read_bytes(),
+        # the same image with another caption is another sample (the reference keeps it)
+        "zother.jpg": good, "zother.txt": b"the same astronaut, captioned again",
         "png.png": png.getvalue(), "png.txt": b"a red png",
     }
     for name, data in bad.items():
@@ -105,12 +108,12 @@ def test_bad_inputs_are_skipped_and_counted(tmp_path):
         f.seek(offset + 148)  # the header checksum field
         f.write(b"garbage!")
     m = run(PrepConfig(srcs=[str(src), str(tmp_path / "tars")], dst=str(dst),
-                       shard_samples=100, workers=1, progress=False))
+                       shard_samples=100, workers=1, progress=False, max_skip_rate=0.5))
     assert m.skipped == {"bad_image": 2, "missing_caption": 1, "empty_caption": 1,
                          "bad_caption": 1, "missing_image": 1, "small_image": 1,
                          "duplicate": 1, "corrupt_tar": 1}
     samples = _all_samples(dst)
-    assert m.samples == len(samples) == 10 + 1 + 1  # good folder + png + first tar sample
+    assert m.samples == len(samples) == 10 + 1 + 1 + 1  # folder + other caption + png + tar
     png_sample = [p for p in samples.values() if p["txt"] == b"a red png"][0]
     assert Image.open(io.BytesIO(png_sample["jpg"])).format == "JPEG"  # re-encoded
 
@@ -197,7 +200,7 @@ def test_refuses_other_settings_and_overlap(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     sample_images.write_caption_folder(src, count=3, size=32)
     run(PrepConfig(srcs=[str(src)], dst=str(dst), shard_samples=2, workers=1, progress=False))
-    with pytest.raises(PrepError, match="shard_samples differ"):
+    with pytest.raises(PrepError, match=r"\(shard_samples 2 -> 3\); rerun with the same ones, or add --restart"):
         run(PrepConfig(srcs=[str(src)], dst=str(dst), shard_samples=3, workers=1,
                        progress=False))
     with pytest.raises(PrepError, match="overlaps --src"):
@@ -216,10 +219,9 @@ def test_edit_json_to_shards(tmp_path):
                     "instruction": ""})
     src.write_text(json.dumps(records))
     m = run(PrepConfig(srcs=[str(src)], dst=str(tmp_path / "dst"), kind="edit",
-                       shard_samples=4, workers=1, progress=False))
+                       shard_samples=4, workers=1, progress=False, max_skip_rate=0.2))
     assert m.kind == "edit" and m.samples == 9 and [s.samples for s in m.shards] == [3, 3, 3]
-    assert m.skipped == {"unreadable_file": 1, "missing_input_image": 1,
-                         "empty_instruction": 1}
+    assert m.skipped == {"missing_input_image": 1, "empty_instruction": 1}
     got = set()
     for parts in _all_samples(tmp_path / "dst").values():
         assert set(parts) == {"input.jpg", "output.jpg", "txt", "json"}
