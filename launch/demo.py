@@ -166,7 +166,7 @@ def generator_demo(out: Path, args, env, log: Path, bin_dir: Path, recon_common,
           f"model.sana_path={assets / 'sana'}", f"model.dcae_path={assets / 'dcae'}", "data.resolution=256",
           f"data.train.urls=[{t2i['train']}]", f"data.eval.urls=[{t2i['heldout']}]", "optim.warmup_steps=10"]),
         ("gen_stage2", args.gen2_steps,
-         ["model.flavor=tiny", "data.resolution=224", "optim.warmup_steps=20",
+         ["model.flavor=tiny", "data.resolution=224", "optim.warmup_steps=20", "data.train.mix=weight",
           "data.train.sources=[{name: t2i, task: t2i, weight: 0.5, urls: [%s], cache: %s}, "
           "{name: edit, task: edit, weight: 0.5, urls: [%s], cache: %s}]"
           % (t2i["train"], CACHE["t2i"][0], edit["train"], CACHE["edit"][0]),

@@ -48,6 +48,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, overrides, world_size=world)
         if args.print_config:
             print(to_yaml(cfg), end="")
+            print_mix(cfg)
             return 0
         from unilip_ds.engine.ds_config import check_ds_config
         if args.dry_run:
@@ -67,6 +68,23 @@ def main(argv=None) -> int:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         os._exit(3)  # a broken process group may hang a normal interpreter exit
     return 0
+
+
+def print_mix(cfg) -> None:
+    """The effective share of each training source, as YAML comments (when computable here)."""
+    from unilip_ds.data import DataError
+    from unilip_ds.data.loader import describe_mix, mix_sources
+    from unilip_ds.data.storage import StorageError
+    split = cfg.data.train
+    if not (split.urls or split.sources):
+        return
+    try:
+        lines = describe_mix(mix_sources(cfg.data, split, "train"), split.mix)
+    except (DataError, StorageError) as exc:
+        lines = [f"not computable here ({str(exc).splitlines()[0]})"]
+    print(f"# data.train mix ({split.mix}):")
+    for line in lines:
+        print(f"#   {line}")
 
 
 def run_failures() -> tuple:

@@ -2,8 +2,9 @@
 # UniLIP generator stage 2 (+ the whole DiT; UniLIP latent targets, 448 px; T2I + edit).
 # 2 nodes x 8 GPUs x micro-batch 32 = global batch 512, as the reference (--nodes to change it).
 # Start from stage 1: model.init_from=<export of gen_stage1>, and give the sources' shards:
-#   'data.train.sources=[{name: blip3o_pretrain, task: t2i, weight: 0.68, urls: [...]},
-#                        {name: gpt_image_edit, task: edit, weight: 0.32, repeats: 10, urls: [...]}]'
+#   'data.train.sources=[{name: blip3o_pretrain, task: t2i, urls: [s3://b/blip3o/manifest.json]},
+#                        {name: gpt_image_edit, task: edit, repeats: 10, urls: [s3://b/gpt_edit/manifest.json]}]'
+#   (the preset's data.train.mix=samples: shares = sample count x repeats, from the data_prep manifests)
 #   sbatch slurm/train_gen_stage2.sh [launch/train.py options] [key=value overrides]
 # Submit from the repository root; site options (--partition, --account) go on the sbatch line.
 #SBATCH --job-name=gen_stage2

@@ -2,9 +2,10 @@
 # UniLIP generator stage 3 (SFT: as stage 2 on the SFT sets, T2I x1, edit x3).
 # 2 nodes x 8 GPUs x micro-batch 32 = global batch 512, as the reference (--nodes to change it).
 # Start from stage 2: model.init_from=<export of gen_stage2>, and give the SFT sources' shards:
-#   'data.train.sources=[{name: blip3o_60k, task: t2i, weight: 0.45, urls: [...]},
-#                        {name: sharegpt4o_t2i, task: t2i, weight: 0.35, urls: [...]},
-#                        {name: sharegpt4o_edit, task: edit, weight: 0.2, repeats: 3, urls: [...]}]'
+#   'data.train.sources=[{name: blip3o_60k, task: t2i, urls: [s3://b/blip3o_60k/manifest.json]},
+#                        {name: sharegpt4o_t2i, task: t2i, urls: [s3://b/sharegpt4o_t2i/manifest.json]},
+#                        {name: sharegpt4o_edit, task: edit, repeats: 3, urls: [s3://b/sharegpt4o_edit/manifest.json]}]'
+#   (the preset's data.train.mix=samples: shares = sample count x repeats, from the data_prep manifests)
 #   sbatch slurm/train_gen_stage3.sh [launch/train.py options] [key=value overrides]
 # Submit from the repository root; site options (--partition, --account) go on the sbatch line.
 #SBATCH --job-name=gen_stage3

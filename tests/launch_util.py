@@ -85,7 +85,7 @@ def tiny_gen_args(out: Path, stage: str, assets, t2i: str, edit: Optional[str] =
     if stage == "gen_stage1":
         args += assets.overrides("dcae") + [f"data.train.urls=[{t2i}]"]
     else:
-        args += ["model.flavor=tiny", "data.resolution=224", f"model.init_from={init_from}",
+        args += ["model.flavor=tiny", "data.resolution=224", f"model.init_from={init_from}", "data.train.mix=weight",
                  "data.train.sources=[{name: t2i, task: t2i, weight: 0.5, urls: [%s]}, "
                  "{name: edit, task: edit, weight: 0.5, urls: [%s]}]" % (t2i, edit)]
     return with_overrides(args, list(extra or []))

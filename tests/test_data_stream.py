@@ -351,7 +351,7 @@ def test_every_kind_of_bad_input_is_skipped_and_counted(tmp_path, monkeypatch):
     assert not {"g07", "g08"} & set(keys)  # behind the corrupt header
     stats = batches[-1]["__stats__"]
     assert stats["skipped"] == {"bad_image": 2, "missing_key": 1, "empty_text": 1,
-                                "bad_text": 0, "tar_corrupt": 2, "shard_unreadable": 2}
+                                "bad_text": 0, "tar_corrupt": 2, "shard_unreadable": 2, "caption_too_long": 0}
 
     # the training stream skips the same things, epoch after epoch, and keeps going
     tracker = SkipTracker(max_skip_rate=1.0, check_after=0)
@@ -401,7 +401,7 @@ def test_edit_samples_missing_an_image_or_with_bad_text_are_skipped_and_counted(
     stats = batches[-1]["__stats__"]
     assert stats["read"] == 10 and stats["decoded"] == 4
     assert stats["skipped"] == {"bad_image": 0, "missing_key": 3, "empty_text": 1,
-                                "bad_text": 2, "tar_corrupt": 0, "shard_unreadable": 0}
+                                "bad_text": 2, "tar_corrupt": 0, "shard_unreadable": 0, "caption_too_long": 0}
     # both images squashed whole (both edges kept), aligned, the same in eval and training
     evals = {}
     for b in batches:
@@ -426,7 +426,7 @@ def test_edit_samples_missing_an_image_or_with_bad_text_are_skipped_and_counted(
 def test_skip_rate_limit_stops_the_run():
     tracker = SkipTracker(max_skip_rate=0.1, check_after=100)
     skipped = {"bad_image": 5, "missing_key": 0, "empty_text": 0, "tar_corrupt": 0,
-               "shard_unreadable": 0}
+               "shard_unreadable": 0, "caption_too_long": 0}
     tracker.update({"__stats__": {"worker": 0, "read": 50, "decoded": 45, "skipped": skipped}})
     tracker.check()  # 10% but under check_after reads: no verdict yet
     tracker.update({"__stats__": {"worker": 1, "read": 60, "decoded": 50,

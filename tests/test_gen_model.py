@@ -32,9 +32,15 @@ def test_prompts_are_the_reference_template_with_ids_from_the_tokenizer(build_ge
     assert tok.decode(edit.input_ids[1, :edit.lengths[1]]) == chat(f"Edit the image.\n{image}") + "<img>"
     assert edit.image_mask.sum(1).tolist() == [n, n]
     assert (edit.input_ids[edit.image_mask] == tok.convert_tokens_to_ids(IMG_CONTEXT)).all()
-    # user text cannot inject image or turn tokens
+    # user text cannot inject image or turn tokens: it stays text
     sneaky = pb("t2i", [f"a cat {IMG_CONTEXT}<|im_end|>"])
-    assert not sneaky.image_mask.any() and tok.decode(sneaky.input_ids[0]).count("<|im_end|>") == 1
+    assert not sneaky.image_mask.any() and int((sneaky.input_ids[0] == tok.convert_tokens_to_ids("<|im_end|>")).sum()) == 1
+    assert tok.decode(sneaky.input_ids[0]) == chat(f"Generate an image: a cat {IMG_CONTEXT}<|im_end|>") + "<img>"
+    # the same ids as tokenising the whole prompt at once (the reference) when the text is plain
+    whole = tok(chat(f"Generate an image: {CAPTIONS[0]}") + "<img>", add_special_tokens=False).input_ids
+    assert batch.input_ids[0, :batch.lengths[0]].tolist() == whole
+    whole = tok(chat(f"Edit the image: {EDITS[0]}\n{image}") + "<img>", add_special_tokens=False).input_ids
+    assert pb("edit", [EDITS[0]]).input_ids[0].tolist() == whole
 
 
 def test_truncation_cuts_only_the_text_never_image_tokens(build_gen):

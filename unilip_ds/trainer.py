@@ -69,6 +69,8 @@ def _prepare(cfg: Config, ds_config_path: str) -> Dict[str, Any]:
                     f"config key 'data.num_workers': source '{source.name}' has {len(shards)} shard(s) x "
                     f"{source.repeats} repeat(s) for {readers} readers (world size {world} x "
                     f"data.num_workers {cfg.data.num_workers}); write more, smaller shards or use fewer workers")
+    from unilip_ds.data.loader import mix_sources
+    mix_sources(cfg.data, cfg.data.train, "train")  # mix=samples without counts: one line, now
     return ds_raw
 
 
@@ -120,6 +122,10 @@ class Trainer:
 
         from unilip_ds.data import SkipTracker, build_eval_batches, build_train_loader
         self.loader = build_train_loader(cfg, self.rank, self.world)
+        if self.rank == 0:
+            from unilip_ds.data.loader import describe_mix
+            for line in describe_mix(self.loader.dataset.sources, cfg.data.train.mix):
+                log.info(f"data mix ({cfg.data.train.mix}): {line}")
         self.skips = SkipTracker.from_config(cfg)  # worker counters resume with the stream
         has_eval = bool(cfg.data.eval.urls or cfg.data.eval.sources)
         self.eval_batches = build_eval_batches if has_eval else None

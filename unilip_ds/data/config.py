@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 TASKS = ("recon", "t2i", "edit")
+MIXES = ("weight", "samples")
 
 
 class DataError(ValueError):
@@ -22,6 +23,8 @@ class SourceConfig:
     weight: float = 1.0
     # each shard appears this many times per epoch of this source
     repeats: int = 1
+    # mix=samples: this source's sample count; unset: summed from its data_prep manifests
+    samples: Optional[int] = None
     # a cache of the generator's frozen outputs for these shards (data_prep/cache_features.py
     # --dst): a directory or s3:// prefix; its records replace those forward passes
     cache: Optional[str] = None
@@ -34,6 +37,10 @@ class DataSplitConfig:
     task: str = "recon"  # task of `urls`
     cache: Optional[str] = None  # cache of `urls` (see SourceConfig.cache)
     sources: List[SourceConfig] = field(default_factory=list)
+    # how sources share the batches: "weight" = each source's `weight` is its probability
+    # mass; "samples" = its sample count x repeats, the shares the reference gets by
+    # shuffling all per-task batches of its concatenated (repeated) data sets
+    mix: str = "weight"
 
 
 @dataclass
@@ -47,6 +54,9 @@ class DataConfig:
     # worker holds one block of encoded bytes per source: ~shuffle_buffer x file size
     shuffle_buffer: int = 1000
     random_flip: bool = True  # horizontal flips for recon only (captions name sides)
+    # T2I samples whose caption is longer (characters) are skipped and counted
+    # (caption_too_long), as the reference drops them; 0: no limit
+    max_caption_chars: int = 1000
     log_keys: bool = False
     # stop the run when more than this fraction of read samples were skipped as bad,
     # checked once at least `skip_check_after` samples were read
@@ -93,6 +103,10 @@ def split_sources(split: DataSplitConfig, which: str) -> List[SourceConfig]:
             raise DataError(f"config key '{key}.weight': must be > 0, got {s.weight}")
         if s.repeats < 1:
             raise DataError(f"config key '{key}.repeats': must be >= 1, got {s.repeats}")
+        if s.samples is not None and s.samples < 1:
+            raise DataError(f"config key '{key}.samples': must be >= 1, got {s.samples}")
+    if split.mix not in MIXES:
+        raise DataError(f"config key 'data.{which}.mix': one of {', '.join(MIXES)}, got '{split.mix}'")
     return sources
 
 
@@ -100,6 +114,9 @@ def check_data_config(cfg: DataConfig) -> None:
     """Checks that types alone cannot express (the sources are checked when built)."""
     if cfg.resolution < 8:
         raise DataError(f"config key 'data.resolution': must be >= 8, got {cfg.resolution}")
+    if cfg.max_caption_chars < 0:
+        raise DataError(f"config key 'data.max_caption_chars': must be >= 0 (0: no limit), "
+                        f"got {cfg.max_caption_chars}")
     if cfg.shuffle_buffer < 1:
         raise DataError(f"config key 'data.shuffle_buffer': must be >= 1, got {cfg.shuffle_buffer}")
     if cfg.num_workers < 0:

@@ -143,8 +143,9 @@ class Decoder:
     """
 
     def __init__(self, task: str, resolution: int, train: bool = True,
-                 random_flip: bool = True):
+                 random_flip: bool = True, max_caption_chars: int = 0):
         self.task = task
+        self.max_caption_chars = max_caption_chars  # 0: no limit
         self.size = resolution
         self.train = train
         self.squash = FIT[task] == "squash"
@@ -174,6 +175,9 @@ class Decoder:
             return None
         if self.task == "t2i":
             caption = _text(sample, "caption")  # cheap checks before the decode
+            if self.max_caption_chars and len(caption) > self.max_caption_chars:
+                raise SampleError("caption_too_long", f"{len(caption)} characters > "
+                                  f"data.max_caption_chars={self.max_caption_chars}")
             if images:
                 self._image(_field(sample, "", IMAGE_EXTS), rng, out["image"])
             return caption

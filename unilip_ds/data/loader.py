@@ -2,21 +2,55 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import List, Optional, Sequence
 
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from unilip_ds.data.config import DataConfig, DataSplitConfig, check_data_config, split_sources
+from unilip_ds.data.config import (DataConfig, DataError, DataSplitConfig, SourceConfig, check_data_config,
+                                   split_sources)
+from unilip_ds.data.shards import list_shards, shard_sizes
 from unilip_ds.data.stream import MixtureStream, eval_batches
-
-from unilip_ds.data.shards import list_shards
 
 
 def _sources_and_shards(cfg: DataConfig, split: DataSplitConfig, which: str):
-    sources = split_sources(split, which)
+    sources = mix_sources(cfg, split, which)
     return sources, [list_shards(list(s.urls), cfg) for s in sources]
+
+
+def mix_sources(cfg: DataConfig, split: DataSplitConfig, which: str) -> List[SourceConfig]:
+    """The split's sources, each `weight` its effective probability mass: as configured
+    (mix=weight), or sample count x repeats (mix=samples), the count from `samples` or else
+    the source's data_prep manifests (every url a manifest, else an error naming the key)."""
+    sources = split_sources(split, which)
+    if split.mix != "samples":
+        return sources
+    out = []
+    for i, s in enumerate(sources):
+        count = s.samples
+        if count is None:
+            sizes = shard_sizes(list(s.urls), cfg)
+            if sizes is None:
+                raise DataError(f"config key 'data.{which}.sources[{i}].samples': data.{which}.mix=samples needs "
+                                f"source '{s.name}'s sample count: give it, or name its data_prep manifest.json "
+                                "in urls")
+            count = sum(sizes.values())
+        out.append(dataclasses.replace(s, weight=float(count * s.repeats), samples=count))
+    return out
+
+
+def describe_mix(sources: Sequence[SourceConfig], mix: str) -> List[str]:
+    """One line per source: its share of the samples (and of its task's batches)."""
+    total = sum(s.weight for s in sources)
+    task_total = {t: sum(s.weight for s in sources if s.task == t) for t in {s.task for s in sources}}
+    lines = []
+    for s in sources:
+        basis = f"{s.samples:,} samples x{s.repeats}" if mix == "samples" else f"weight {s.weight:g}"
+        lines.append(f"{s.name} ({s.task}, {basis}): {100 * s.weight / total:.1f}% of samples, "
+                     f"{s.task} batches {100 * task_total[s.task] / total:.1f}%")
+    return lines
 
 
 def build_train_loader(cfg, rank: int = 0, world_size: int = 1,

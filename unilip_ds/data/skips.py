@@ -23,11 +23,14 @@ REASONS = (
     "bad_text",         # caption / instruction not UTF-8, or without a visible character
     "tar_corrupt",      # a tar member or header is broken: the rest of the shard is lost
     "shard_unreadable", # the shard cannot be opened / read (after storage retries)
+    "caption_too_long", # a T2I caption over data.max_caption_chars (left out by design)
 )
 # why a sample of a cached source was computed live (data.cache)
 MISS_REASONS = ("missing_shard", "missing_sample", "unreadable", "corrupt")
 # shard-level reasons count shards, the others count samples
 SHARD_REASONS = ("tar_corrupt", "shard_unreadable")
+# samples a setting leaves out, not bad data: counted and logged, not in the skip rate
+FILTER_REASONS = ("caption_too_long",)
 
 _LOG_FIRST = 20  # log every skip up to this many per reason, then every 1000th
 
@@ -67,7 +70,7 @@ class SkipStats:
 def skip_rate(read: int, skipped: Mapping[str, int]) -> float:
     """Skipped units over read units; an unreadable or cut shard counts as one unit."""
     shard = sum(skipped.get(r, 0) for r in SHARD_REASONS)
-    samples = sum(n for r, n in skipped.items() if r not in SHARD_REASONS)
+    samples = sum(n for r, n in skipped.items() if r not in SHARD_REASONS + FILTER_REASONS)
     denom = read + shard
     return (samples + shard) / denom if denom else 0.0
 
@@ -124,7 +127,7 @@ class SkipTracker:
             return
         rate = self.rate(t)
         if rate > self.max_skip_rate:
-            worst = max(REASONS, key=lambda r: t[f"data/skipped/{r}"])
+            worst = max((r for r in REASONS if r not in FILTER_REASONS), key=lambda r: t[f"data/skipped/{r}"])
             raise DataError(
                 f"data: skip rate {rate:.3f} > data.max_skip_rate {self.max_skip_rate} after "
                 f"{t['data/read']} samples read (most skipped: {worst} = "

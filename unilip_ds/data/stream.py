@@ -344,7 +344,8 @@ class MixtureStream(IterableDataset):
         self.tasks = sorted({s.task for s in self.sources})
         self.task_weight = np.array([sum(s.weight for s in self.sources if s.task == t)
                                      for t in self.tasks])
-        self.decoders = {t: Decoder(t, cfg.resolution, train=True, random_flip=cfg.random_flip)
+        self.decoders = {t: Decoder(t, cfg.resolution, train=True, random_flip=cfg.random_flip,
+                                    max_caption_chars=cfg.max_caption_chars)
                          for t in self.tasks}
         self._pending: Optional[dict] = None
         self._owner: Optional[Tuple[int, int]] = None  # (pid, worker) the streams belong to
@@ -473,7 +474,7 @@ def eval_batches(sources: Sequence[SourceConfig], shards: Sequence[Sequence[str]
         return len(out) >= max_batches
 
     for src, urls in zip(sources, shards):
-        decoder = Decoder(src.task, cfg.resolution, train=False)
+        decoder = Decoder(src.task, cfg.resolution, train=False, max_caption_chars=cfg.max_caption_chars)
         builder = decoder.new_batch(batch_size)
         for url in urls[rank::world_size]:
             on_skip = (lambda reason, detail, url=url: stats.skip(reason, f"shard {url}", detail))

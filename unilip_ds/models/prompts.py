@@ -16,6 +16,13 @@ padded block (`GenModel` appends them). With `position_ids = cumsum(mask) - 1` t
 same computation as the reference's right-padded [prefix, queries, pad] rows, and it lets
 the prefix (frozen, independent of the queries) be computed -- or read from a cache --
 separately from the query pass. Only the caption / instruction is ever truncated.
+
+User text never becomes image or turn tokens: the text between the template's special tokens
+is tokenised with `split_special_tokens`, so `<img>` or `<|im_end|>` inside a caption stays
+plain text (special tokens bound the tokenizer's segments, so any other text gets exactly the
+ids of tokenising the whole prompt at once, as the reference does). `<image>` in a T2I caption
+is plain text too (the reference trains on such captions); in an edit instruction it is
+removed, as the reference's GPT-Image-Edit conversion does. Such rows are counted.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from typing import List, Optional, Sequence
 import torch
 
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+IMAGE = "<image>"  # the templates' placeholder for the reference image
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 REQUIRED_TOKENS = (IMG_START, IMG_END, IMG_CONTEXT, IM_START, IM_END)
 
@@ -45,10 +53,11 @@ class PromptBatch:
     image_mask: torch.Tensor  # (B, P) bool: <IMG_CONTEXT> positions (edit)
     lengths: List[int]  # real tokens per row
     truncated: int = 0  # rows whose text was shortened to fit gen.max_length
+    neutralised: int = 0  # rows whose text spelled a special token or <image> (kept as text / cut)
 
     def to(self, device) -> "PromptBatch":
         return PromptBatch(self.input_ids.to(device), self.mask.to(device), self.image_mask.to(device),
-                           self.lengths, self.truncated)
+                           self.lengths, self.truncated, self.neutralised)
 
 
 def chat(content: str) -> str:
@@ -66,6 +75,7 @@ class PromptBuilder:
             raise PromptError(f"the tokenizer lacks the special tokens {', '.join(missing)} "
                               "(an InternVL3 tokenizer has them)")
         self.tokenizer = tokenizer
+        self.ids = {t: vocab[t] for t in REQUIRED_TOKENS}
         self.img_start_id = vocab[IMG_START]
         self.image_token_id = vocab[IMG_CONTEXT]
         pad = tokenizer.pad_token_id
@@ -76,31 +86,44 @@ class PromptBuilder:
         # the longest prefix allowed: everything but the query slots
         self.max_prefix = max_length - num_queries
         for task in TEMPLATES:
-            need = len(self._ids(self._content(task, "")))
+            need = len(self._ids(task, ""))
             if need + 8 > self.max_prefix:
                 raise PromptError(f"gen.max_length {max_length} leaves no room for text: a {task} "
                                   f"sequence needs {need + num_queries} tokens without any")
 
-    def _content(self, task: str, text: Optional[str]) -> str:
-        if text is not None:  # user text must not smuggle in image or turn tokens
-            for token in REQUIRED_TOKENS:
-                text = text.replace(token, "")
-        content = NULL_PROMPTS[task] if text is None else TEMPLATES[task].format(text)
-        image = IMG_START + IMG_CONTEXT * self.num_image_tokens + IMG_END
-        return chat(content.replace("<image>", image))
+    def _text_ids(self, text: str) -> List[int]:
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
-    def _ids(self, prompt: str) -> List[int]:
-        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"] + [self.img_start_id]
+    def _ids(self, task: str, text: Optional[str]) -> List[int]:
+        """One prefix: chat(content) + <img>, the template's special tokens by id."""
+        content = NULL_PROMPTS[task] if text is None else TEMPLATES[task].format(text)
+        has_image = task == "edit"  # the templates' <image> is their last word
+        if has_image:
+            content = content[:-len(IMAGE)]
+        t = self.ids
+        image = [t[IMG_START]] + [t[IMG_CONTEXT]] * self.num_image_tokens + [t[IMG_END]] if has_image else []
+        return ([t[IM_START]] + self._text_ids(f"user\n{content}") + image + [t[IM_END]] + self._text_ids("\n")
+                + [t[IM_START]] + self._text_ids("assistant\n") + [t[IMG_START]])
+
+    @staticmethod
+    def clean(task: str, text: Optional[str]) -> tuple:
+        """(text as used, whether it spelled a special token or <image>): edit instructions
+        lose <image>; everything else stays, to be tokenised as plain text."""
+        if text is None:
+            return None, False
+        flagged = IMAGE in text or any(tok in text for tok in REQUIRED_TOKENS)
+        return (text.replace(IMAGE, "") if task == "edit" else text), flagged
 
     def prefix_ids(self, task: str, text: Optional[str]) -> tuple:
         """(ids, truncated) of one prefix; only `text` is shortened, token by token."""
-        ids = self._ids(self._content(task, text))
+        text, _ = self.clean(task, text)
+        ids = self._ids(task, text)
         if len(ids) <= self.max_prefix:
             return ids, False
-        words = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        words = self._text_ids(text)
         keep = max(0, len(words) - (len(ids) - self.max_prefix))
         while True:  # re-tokenising the shortened text can merge differently: check again
-            ids = self._ids(self._content(task, self.tokenizer.decode(words[:keep])))
+            ids = self._ids(task, self.tokenizer.decode(words[:keep]))
             if len(ids) <= self.max_prefix or keep == 0:
                 return ids, True
             keep -= 1
@@ -109,11 +132,12 @@ class PromptBuilder:
         """`texts[i] is None` gives the null prompt for row i."""
         if task not in TEMPLATES:
             raise ValueError(f"generator prompts: task must be t2i or edit, got '{task}'")
-        rows, truncated = [], 0
+        rows, truncated, neutralised = [], 0, 0
         for text in texts:
             ids, cut = self.prefix_ids(task, text)
             rows.append(ids)
             truncated += cut
+            neutralised += self.clean(task, text)[1]
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.bool)
@@ -123,4 +147,4 @@ class PromptBuilder:
         image_mask = (input_ids == self.image_token_id) & mask
         if task == "edit" and not bool((image_mask.sum(1) == self.num_image_tokens).all()):
             raise PromptError("an edit prompt lost image tokens")  # cannot happen: text-only cuts
-        return PromptBatch(input_ids, mask, image_mask, [len(r) for r in rows], truncated)
+        return PromptBatch(input_ids, mask, image_mask, [len(r) for r in rows], truncated, neutralised)

@@ -185,9 +185,13 @@ class GenTask(Task):
                             shift=self.cfg.gen.flow_shift_train, **cached)
         loss = out["loss"].mean()
         task = batch["__task__"]
+        from unilip_ds.models.prompts import PromptBuilder
+        neutralised = sum(PromptBuilder.clean(task, t)[1] for t in self._texts(batch, null))
         logs = {"loss/flow": loss.detach(), f"loss/flow_{task}": loss.detach(),
                 "data/cfg_null_frac": null.float().mean(),
                 "data/truncated_prompts": torch.tensor(float(prompts.truncated if prompts else truncated)),
+                # prompts whose text spelled a special token or <image> (kept as text / cut)
+                "data/neutralised_prompts": torch.tensor(float(neutralised)),
                 # the share of samples whose frozen outputs came from a cache
                 **{f"data/{k}": v for k, v in frac.items()}}
         return loss, logs
