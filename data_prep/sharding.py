@@ -422,8 +422,13 @@ def run(cfg: PrepConfig) -> Manifest:
     storage.write_bytes(run_url, json.dumps(ident).encode())
 
     # 1. validate
+    def spill(k: int, data: bytes) -> str:
+        url = _staging(cfg.dst, f"records-{k:05d}.jsonl")
+        storage.write_bytes(url, data)
+        return url
+
     units = S.plan_units(sources, cfg.kind, image_root=cfg.image_root, fields=cfg.fields,
-                         tar_index=lambda tars: _tar_index(cfg, tars))
+                         tar_index=lambda tars: _tar_index(cfg, tars), spill=spill)
     records, todo = [], []
     for u in units:
         json_url = _unit_urls(cfg.dst, u.index)[1]

@@ -83,14 +83,20 @@ class Skip(Exception):
 class Unit:
     index: int
     kind: str  # t2i | edit
-    source: str  # "tar" | "folder" | "json"
-    url: str = ""  # the tar (source="tar") or the json file (source="json")
+    source: str  # "tar" | "folder" | "json" | "items"
+    # the tar (source="tar"), the json file (source="json"), or the JSON Lines file of
+    # planned json records (source="items": `length` bytes from `start`, one line each)
+    url: str = ""
     # folder: [(ref, {role: url})]; json: [(ref, {role: Loc | text | None} or skip reason)]
     items: List[Tuple[str, Any]] = field(default_factory=list)
+    start: int = 0
+    length: int = 0
+    digest: str = ""  # of the planned records (source="items")
 
     def identity(self) -> str:
         """What the unit covers (checked when a re-run reuses its staged result)."""
-        h = hashlib.sha256(f"{self.kind}|{self.source}|{self.url}|{len(self.items)}".encode())
+        h = hashlib.sha256(f"{self.kind}|{self.source}|{self.url}|{len(self.items)}|"
+                           f"{self.digest}".encode())
         for ref, _ in self.items[:1] + self.items[-1:]:
             h.update(ref.encode())
         return h.hexdigest()[:16]
@@ -223,6 +229,13 @@ def read_unit(unit: Unit, counts: Dict[str, int], examples: Dict[str, List[str]]
     counted in `counts` and end what they affect."""
     if unit.source == "tar":
         yield from _read_tar(unit, counts, examples, cfg)
+    elif unit.source == "items":
+        data = storage.read_bytes(unit.url, cfg, start=unit.start, length=unit.length)
+        for line in data.splitlines():
+            ref, parts = json.loads(line)
+            if isinstance(parts, dict):  # a Loc in a tar came back as a list
+                parts = {k: tuple(v) if isinstance(v, list) else v for k, v in parts.items()}
+            yield ref, parts
     else:
         yield from unit.items
 
@@ -266,11 +279,12 @@ def _read_tar(unit: Unit, counts: Dict[str, int], examples: Dict[str, List[str]]
 
 # ---------------------------------------------------------------------------- listing
 
-def walk(url: str, cfg: Any = None) -> List[str]:
-    """Files under a directory or s3 prefix, sorted; local symlinked folders are
-    followed (each real folder once)."""
+def walk(url: str, cfg: Any = None, keep: Callable[[str], bool] = lambda name: True
+         ) -> List[str]:
+    """Files under a directory or s3 prefix whose name passes `keep`, sorted; local
+    symlinked folders are followed (each real folder once)."""
     if storage.is_s3(url):
-        return storage.list_files(url, cfg, recursive=True)
+        return [f for f in storage.list_files(url, cfg, recursive=True) if keep(f)]
     root = storage.local_path(url)
     scheme = "file://" if url.startswith("file://") else ""
     seen, out = set(), []
@@ -281,8 +295,12 @@ def walk(url: str, cfg: Any = None) -> List[str]:
             continue
         seen.add(real)
         dirs.sort()
-        out += [os.path.join(d, f) for f in files]
+        out += [os.path.join(d, f) for f in files if keep(f)]
     return sorted(scheme + p for p in out)
+
+
+def _container(name: str) -> bool:
+    return name.endswith((".tar", ".json", ".jsonl")) or bool(ARCHIVE_PART.search(name))
 
 
 def stat(url: str, cfg: Any = None) -> Dict[str, Any]:
@@ -320,7 +338,13 @@ def find_sources(srcs: List[str], kind: str, cfg: Any = None,
         if any(c in src for c in "{*?["):
             files = list_shards([src], cfg) if src.endswith(".tar") else storage.glob(src, cfg)
         elif storage.isdir(src, cfg):
-            files = walk(src, cfg)
+            # tars and jsons first: a GPT-Image-Edit tree's millions of images are not
+            # listed in memory; loose image + text pairs only when there is nothing else
+            files = walk(src, cfg, keep=_container)
+            tars_here = any(f.endswith(".tar") for f in files)
+            jsons_here = any(f.endswith((".json", ".jsonl")) for f in files)
+            if not (tars_here or jsons_here) or (kind == "t2i" and not tars_here):
+                files = walk(src, cfg)  # (t2i: <key>.json next to <key>.jpg + .txt?)
         elif storage.exists(src, cfg):
             files = [src]
         else:
@@ -558,13 +582,17 @@ class TextFile(str):
 
 def plan_units(sources: List[Source], kind: str, cfg: Any = None,
                image_root: Optional[str] = None, fields: Optional[Dict[str, str]] = None,
-               tar_index: Optional[Callable[[List[str]], Dict[str, Tuple[str, int, int]]]] = None
-               ) -> List[Unit]:
+               tar_index: Optional[Callable[[List[str]], Dict[str, Tuple[str, int, int]]]] = None,
+               spill: Optional[Callable[[int, bytes], str]] = None) -> List[Unit]:
     """Cut the sources into units. json records are reduced to their image locations
-    and text here (the workers get no whole records)."""
+    and text here (the workers get no whole records). With `spill(k, data) -> url`,
+    the reduced records of the k-th json are written out as JSON Lines and units only
+    point at their byte ranges: nothing per record stays in memory (1.5M GPT-Image-Edit
+    records would hold ~1.4 KB each as Python objects)."""
     fields = dict(fields or {})
     tar_index = tar_index or (lambda tars: index_tars(tars, cfg))
     units: List[Unit] = []
+    spilled = 0
     for s in sources:
         before = len(units)
         if s.layout == "tar":
@@ -577,10 +605,23 @@ def plan_units(sources: List[Source], kind: str, cfg: Any = None,
             for root, j in jobs:
                 tars = s.image_tars.get(root, [])
                 resolve = _Resolver(root, tar_index(tars) if tars else None)
-                items = []
-                for i, rec in enumerate(load_records(j, cfg)):
-                    items.append((f"{j}#{i}", record_parts(rec, kind, fields, resolve)))
-                units += _chunks(items, kind, "json", len(units), url=j)
+                items = [(f"{j}#{i}", record_parts(rec, kind, fields, resolve))
+                         for i, rec in enumerate(load_records(j, cfg))]
+                if spill is None:
+                    units += _chunks(items, kind, "json", len(units), url=j)
+                    continue
+                lines = [json.dumps(it).encode() + b"\n" for it in items]
+                del items
+                url = spill(spilled, b"".join(lines))
+                spilled += 1
+                pos = 0
+                for a in range(0, len(lines), UNIT_RECORDS):
+                    chunk = b"".join(lines[a:a + UNIT_RECORDS])
+                    units.append(Unit(len(units), kind, "items", url=url, start=pos,
+                                      length=len(chunk),
+                                      digest=hashlib.sha256(chunk).hexdigest()[:16]))
+                    pos += len(chunk)
+                del lines
         if len(units) == before:
             raise PrepError(f"--src {s.spec}: no tars, json records or image+text pairs found")
     return units
