@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """BLIP3o-style text-to-image data -> validated shards + manifest.
 
-    python data_prep/shard_blip3o.py --src /raw/blip3o_long/ --dst s3://bucket/blip3o_long \\
-        --resize 1024 --shard-size 1000
+    python data_prep/shard_blip3o.py --src /raw/BLIP3o-Pretrain-Long-Caption/ \\
+        --dst s3://bucket/blip3o_long --resize 1024
 
-Re-running finishes an interrupted run (shards verified by the manifest are kept).
+Re-running with the same arguments finishes an interrupted run (shards verified by the
+manifest are kept); other arguments or changed sources are refused (--restart).
 """
 
 import os

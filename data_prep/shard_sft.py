@@ -1,14 +1,16 @@
 #!/usr/bin/env python
-"""SFT sets (BLIP3o-60k tars, ShareGPT-4o-Image json + images) -> shards + manifest.
+"""SFT sets (BLIP3o-60k tars, ShareGPT-4o-Image jsons + part tars) -> shards + manifest.
 
     python data_prep/shard_sft.py --kind t2i --src /raw/BLIP3o-60k/ --dst /data/sft_t2i
-    python data_prep/shard_sft.py --kind t2i --src /raw/sharegpt4o/text_to_image.json \\
+    python data_prep/shard_sft.py --kind t2i --src /raw/ShareGPT-4o-Image/text_to_image.json \\
         --dst /data/sft_sharegpt_t2i
-    python data_prep/shard_sft.py --kind edit --src /raw/sharegpt4o/image_editing.json \\
-        --dst /data/sft_sharegpt_edit
+    python data_prep/shard_sft.py --kind edit \\
+        --src /raw/ShareGPT-4o-Image/text_and_image_to_image.json --dst /data/sft_sharegpt_edit
 
-ShareGPT-4o-Image records use `input_prompt`, `input_image` (a one-element list) and
-`output_image`; these names are among the ones detected.
+ShareGPT-4o-Image records use `input_prompt`, `input_image` (a list; records with more
+than one input image are skipped as `several_input_images`) and `output_image`; the
+images are read from the *_part_N.tar files next to the jsons by member name, without
+extracting them.
 """
 
 import os

@@ -397,10 +397,9 @@ def run(cfg: PrepConfig) -> Manifest:
     before = old.params if old is not None else None
     if storage.exists(run_url):
         before = json.loads(storage.read_bytes(run_url))
-    if before is not None and "settings" not in before:  # a manifest of an older version
-        before = {"settings": before, "sources": {}}
     if before is not None and before != ident:
-        diff = _differences(before, ident)
+        diff = (_differences(before, ident) if "settings" in before else
+                ["made by an older data_prep, without a record of its sources"])
         if not cfg.restart:
             more = f"; and {len(diff) - 3} more" if len(diff) > 3 else ""
             raise PrepError(f"--dst {cfg.dst} holds a run with other settings or sources "
