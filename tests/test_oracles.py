@@ -123,7 +123,8 @@ def test_unilip_target_is_the_scaled_adapter_latent_and_decode_inverts_it(build_
         # decode: latent / scale -> decoder -> clamp [-1, 1] -> [0, 1] -> resize to the resolution
         ref = (m.decoder(z).clamp(-1, 1) + 1) / 2
         ref = F.interpolate(ref, size=(r, r), mode="bilinear", align_corners=False)
-        torch.testing.assert_close(m.decode(2.5 * z), ref, atol=1e-5, rtol=1e-5)
+        # (z x 2.5 / 2.5 is z only up to rounding, which the decoder amplifies a little)
+        torch.testing.assert_close(m.decode(2.5 * z), ref, atol=1e-3, rtol=0)
 
 
 def test_dcae_target_is_the_scaled_dcae_latent_and_decode_inverts_it(build_gen):
@@ -135,7 +136,7 @@ def test_dcae_target_is_the_scaled_dcae_latent_and_decode_inverts_it(build_gen):
         z = m.dcae.encode(images * 2 - 1).latent  # diffusers' AutoencoderDC, images in [-1, 1]
         torch.testing.assert_close(m.target_latent(images), 0.7 * z, atol=1e-5, rtol=1e-5)
         ref = (m.dcae.decode(z).sample.clamp(-1, 1) + 1) / 2
-        torch.testing.assert_close(m.decode(0.7 * z), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(m.decode(0.7 * z), ref, atol=1e-3, rtol=0)
 
 
 def test_published_latent_scales():
