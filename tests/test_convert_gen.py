@@ -228,6 +228,9 @@ def test_converted_pipeline_samples_like_the_original(original, converted):
     task, model = original
     _, out, _ = converted
     pipe = UniLIPPipeline.from_pretrained(str(out))
+    # the released DiT was trained under diffusers 0.32: with SANA's fixed positional embedding
+    assert json.loads((out / "transformer" / "config.json").read_text())["interpolation_scale"] == 1
+    assert pipe.transformer.patch_embed.pos_embed is not None
     ref = UniLIPPipeline.from_gen_model(model, task.prompts().tokenizer, task.cfg)
     image = Image.new("RGB", (80, 64), (40, 160, 90))
     for p in (pipe, ref):

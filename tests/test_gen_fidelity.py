@@ -223,16 +223,32 @@ def test_preset_shares_are_sample_count_times_repeats(preset, counts, tmp_path):
     from unilip_ds.data.stream import MixtureStream
     cfg = load_config(preset, ["model.flavor=tiny", "data.resolution=28"])
     assert cfg.data.train.mix == "samples"
-    for src, n in zip(cfg.data.train.sources, counts):
-        src.urls = [_source_shards(tmp_path, src.name, n)]
+    for i, (src, n) in enumerate(zip(cfg.data.train.sources, counts)):  # a manifest, or its folder
+        url = _source_shards(tmp_path, src.name, n)
+        src.urls = [url if i % 2 == 0 else url.replace("/manifest.json", "")]
     repeats = {"gen_stage2": (1, 10), "gen_stage3": (1, 1, 3)}[preset]
     sources = mix_sources(cfg.data, cfg.data.train, "train")
     assert [s.weight for s in sources] == [float(n * r) for n, r in zip(counts, repeats)]
     edit_share = sum(n * r for n, r, s in zip(counts, repeats, sources) if s.task == "edit") / \
         sum(n * r for n, r in zip(counts, repeats))
-    stream = MixtureStream(sources, [[u.replace("manifest.json", "s-000000.tar")] for u in
-                                     (s.urls[0] for s in sources)], cfg.data, batch_size=1, seed=0)
+    stream = MixtureStream(sources, [[str(tmp_path / s.name / "s-000000.tar")] for s in sources], cfg.data,
+                           batch_size=1, seed=0)
     stream.cfg.shuffle_buffer = 8
     it = iter(stream)
     tasks = np.array([next(it)["__task__"] == "edit" for _ in range(400)])
     assert abs(tasks.mean() - edit_share) < 0.08, (tasks.mean(), edit_share)  # ~3.2 sigma at 400 draws
+
+
+def test_sample_shares_need_counts(tmp_path):
+    from unilip_ds.config import load_config
+    from unilip_ds.data import DataError
+    from unilip_ds.data.loader import mix_sources
+    cfg = load_config("gen_stage3", ["model.flavor=tiny"])
+    for src in cfg.data.train.sources:
+        src.urls = [str(tmp_path / "shard-{0..3}.tar")]
+    with pytest.raises(DataError, match=r"data.train.sources\[0\].samples"):
+        mix_sources(cfg.data, cfg.data.train, "train")
+    for src, n in zip(cfg.data.train.sources, (60000, 45717, 46489)):
+        src.samples = n  # given: no manifest needed
+    shares = [s.weight for s in mix_sources(cfg.data, cfg.data.train, "train")]
+    assert shares == [60000.0, 45717.0, 46489.0 * 3]

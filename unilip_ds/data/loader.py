@@ -11,7 +11,8 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from unilip_ds.data.config import (DataConfig, DataError, DataSplitConfig, SourceConfig, check_data_config,
                                    split_sources)
-from unilip_ds.data.shards import list_shards, shard_sizes
+from unilip_ds.data import storage
+from unilip_ds.data.shards import MANIFEST_NAME, list_shards, read_manifest
 from unilip_ds.data.stream import MixtureStream, eval_batches
 
 
@@ -25,20 +26,29 @@ def mix_sources(cfg: DataConfig, split: DataSplitConfig, which: str) -> List[Sou
     (mix=weight), or sample count x repeats (mix=samples), the count from `samples` or else
     the source's data_prep manifests (every url a manifest, else an error naming the key)."""
     sources = split_sources(split, which)
-    if split.mix != "samples":
+    if split.mix != "samples" or len(sources) == 1:  # one source has every batch anyway
         return sources
     out = []
     for i, s in enumerate(sources):
-        count = s.samples
+        count = s.samples if s.samples is not None else _manifest_count(list(s.urls), cfg)
         if count is None:
-            sizes = shard_sizes(list(s.urls), cfg)
-            if sizes is None:
-                raise DataError(f"config key 'data.{which}.sources[{i}].samples': data.{which}.mix=samples needs "
-                                f"source '{s.name}'s sample count: give it, or name its data_prep manifest.json "
-                                "in urls")
-            count = sum(sizes.values())
+            raise DataError(f"config key 'data.{which}.sources[{i}].samples': data.{which}.mix=samples needs "
+                            f"source '{s.name}'s sample count: give it, or name data_prep's manifest.json "
+                            "(or the folder holding it) in urls")
         out.append(dataclasses.replace(s, weight=float(count * s.repeats), samples=count))
     return out
+
+
+def _manifest_count(specs: List[str], cfg: DataConfig) -> Optional[int]:
+    """Samples in the data_prep manifests the specs name (a manifest, or a folder / prefix
+    holding manifest.json); None when a spec has none (globs, brace patterns, bare shards)."""
+    total = 0
+    for spec in specs:
+        url = spec if spec.endswith(".json") else storage.join(spec, MANIFEST_NAME)
+        if not storage.exists(url, cfg):
+            return None
+        total += read_manifest(url, cfg).samples
+    return total
 
 
 def describe_mix(sources: Sequence[SourceConfig], mix: str) -> List[str]:
@@ -47,7 +57,7 @@ def describe_mix(sources: Sequence[SourceConfig], mix: str) -> List[str]:
     task_total = {t: sum(s.weight for s in sources if s.task == t) for t in {s.task for s in sources}}
     lines = []
     for s in sources:
-        basis = f"{s.samples:,} samples x{s.repeats}" if mix == "samples" else f"weight {s.weight:g}"
+        basis = f"{s.samples:,} samples x{s.repeats}" if mix == "samples" and s.samples else f"weight {s.weight:g}"
         lines.append(f"{s.name} ({s.task}, {basis}): {100 * s.weight / total:.1f}% of samples, "
                      f"{s.task} batches {100 * task_total[s.task] / total:.1f}%")
     return lines

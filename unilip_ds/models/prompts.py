@@ -27,6 +27,7 @@ removed, as the reference's GPT-Image-Edit conversion does. Such rows are counte
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -36,6 +37,8 @@ IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 IMAGE = "<image>"  # the templates' placeholder for the reference image
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 REQUIRED_TOKENS = (IMG_START, IMG_END, IMG_CONTEXT, IM_START, IM_END)
+_SPECIAL = re.compile("(" + "|".join(map(re.escape, REQUIRED_TOKENS)) + ")")
+_SLOT = "\x00"  # where the user's text goes in a template, filled after the split
 
 TEMPLATES = {"t2i": "Generate an image: {}", "edit": "Edit the image: {}\n<image>"}
 NULL_PROMPTS = {"t2i": "Generate an image.", "edit": "Edit the image.\n<image>"}
@@ -95,15 +98,17 @@ class PromptBuilder:
         return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
     def _ids(self, task: str, text: Optional[str]) -> List[int]:
-        """One prefix: chat(content) + <img>, the template's special tokens by id."""
-        content = NULL_PROMPTS[task] if text is None else TEMPLATES[task].format(text)
-        has_image = task == "edit"  # the templates' <image> is their last word
-        if has_image:
-            content = content[:-len(IMAGE)]
-        t = self.ids
-        image = [t[IMG_START]] + [t[IMG_CONTEXT]] * self.num_image_tokens + [t[IMG_END]] if has_image else []
-        return ([t[IM_START]] + self._text_ids(f"user\n{content}") + image + [t[IM_END]] + self._text_ids("\n")
-                + [t[IM_START]] + self._text_ids("assistant\n") + [t[IMG_START]])
+        """One prefix, chat(content) + <img>: the template's special tokens by id, the text
+        between them (with the user's text in its place) tokenised as text."""
+        content = NULL_PROMPTS[task] if text is None else TEMPLATES[task].format(_SLOT)
+        image = IMG_START + IMG_CONTEXT * self.num_image_tokens + IMG_END
+        ids: List[int] = []
+        for part in _SPECIAL.split(chat(content.replace(IMAGE, image)) + IMG_START):
+            if part in self.ids:
+                ids.append(self.ids[part])
+            elif part:
+                ids += self._text_ids(part.replace(_SLOT, text or ""))
+        return ids
 
     @staticmethod
     def clean(task: str, text: Optional[str]) -> tuple:
