@@ -67,3 +67,6 @@ class GenConfig:
         "a bowl of fresh fruit, studio lighting", "an astronaut riding a horse on the moon"])
     # edit pairs for the sample grids: taken from the first held-out edit batch, else none
     sample_edits: int = 2
+    # at train.eval_every, also the FID of images sampled from the held-out captions against the
+    # held-out images (eval/gen_fid; needs recon.inception_path; evaluation/gen_fid.py)
+    eval_fid: bool = False

@@ -91,6 +91,8 @@ class GenTask(Task):
             from unilip_ds.config import warn
             warn(f"model.init_from is not set: {msg}; this tiny run starts from random weights")
         L.check_paths(self.cfg)
+        from unilip_ds.evaluation.gen_fid import check_config
+        check_config(self.cfg)  # gen.eval_fid
         self._check_edit_sources()
         if self.cfg.model.init_from or self.cfg.model.internvl_path:
             try:
@@ -291,6 +293,8 @@ class GenTask(Task):
         model = getattr(engines[MAIN], "module", engines[MAIN])
         gen = torch.Generator().manual_seed(0)
         totals: Dict[str, list] = {}
+        from unilip_ds.evaluation.gen_fid import GenFID
+        fid = GenFID.for_run(self.cfg, next(model.parameters()).device)  # None unless gen.eval_fid
         with eval_mode(model):
             for batch in batches:
                 prompts, ref = self._inputs(batch, None)
@@ -301,7 +305,10 @@ class GenTask(Task):
                 out = model(prompts, target=x0, ref_image=ref, u=u.float(), noise=noise,
                             shift=self.cfg.gen.flow_shift_train)
                 totals.setdefault(batch["__task__"], []).append(out["loss"].float().cpu())
+                if fid is not None:
+                    fid.update(model, self.prompts(), batch)
         metrics = {f"eval/flow_{t}": torch.cat(v).mean().item() for t, v in totals.items()}
+        metrics.update(fid.result() if fid is not None else {})
         if totals:
             metrics["eval/flow"] = torch.cat([torch.cat(v) for v in totals.values()]).mean().item()
         return metrics
