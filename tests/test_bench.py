@@ -109,10 +109,20 @@ def same_images(a: Path, b: Path, names) -> None:
         assert np.abs(pixels(a / name) - pixels(b / name)).max() <= 1, name
 
 
-def test_geneval_layout_prompts_and_run_json(gen_export, files, tmp_path):
-    out = tmp_path / "geneval"
-    assert bench("geneval", "--ckpt", gen_export, "--data", files / "geneval_prompt.jsonl", "--out", out,
-                 "--samples", 2, "--batch-size", 4, *FAST) == 0
+def geneval_args(gen_export, files):
+    return ["--ckpt", gen_export, "--data", files / "geneval_prompt.jsonl", "--samples", 2, *FAST]
+
+
+@pytest.fixture(scope="module")
+def geneval_out(gen_export, files, tmp_path_factory):
+    """3 prompts x 2 samples, 4 images per forward, in one process."""
+    out = tmp_path_factory.mktemp("geneval") / "out"
+    assert bench("geneval", *geneval_args(gen_export, files), "--out", out, "--batch-size", 4) == 0
+    return out
+
+
+def test_geneval_layout_prompts_and_run_json(gen_export, files, geneval_out):
+    out = geneval_out
     samples = [f"{m['index']}/samples/{k:05d}.png" for m in GENEVAL_LINES for k in range(2)]
     assert pngs(out) == sorted(samples + [f"{m['index']}/grid.png" for m in GENEVAL_LINES])
     assert hidden(out) == []  # no temporary file left
@@ -208,11 +218,10 @@ def _killed_run(argv, out: Path, after: int) -> list:
     return sorted(out.rglob("samples/*.png"))
 
 
-def test_same_images_over_ranks_and_batches_and_resume_after_kill(gen_export, files, tmp_path):
-    data = ["--ckpt", gen_export, "--data", files / "geneval_prompt.jsonl", "--samples", 2, *FAST, "--no-grid"]
-    one, two, killed = tmp_path / "one", tmp_path / "two", tmp_path / "killed"
-    assert bench("geneval", *data, "--out", one, "--batch-size", 1) == 0
-    names = [n for n in pngs(one)]
+def test_same_images_over_ranks_and_batches_and_resume_after_kill(gen_export, files, geneval_out, tmp_path):
+    data = geneval_args(gen_export, files) + ["--no-grid"]
+    one, two, killed = geneval_out, tmp_path / "two", tmp_path / "killed"
+    names = [n for n in pngs(one) if "/samples/" in n]  # 1 rank, 4 images per forward
     assert len(names) == 6
 
     # 2 ranks under torchrun, 3 images per forward: prompts split over ranks, same images
@@ -230,7 +239,7 @@ def test_same_images_over_ranks_and_batches_and_resume_after_kill(gen_export, fi
         with Image.open(p) as im:
             im.load()
     before = {p.relative_to(killed).as_posix(): (p.stat().st_ino, p.stat().st_mtime_ns) for p in left}
-    assert bench("geneval", *data, "--out", killed, "--batch-size", 4) == 0
+    assert bench("geneval", *data, "--out", killed, "--batch-size", 5) == 0
     r = json.loads((killed / "run.json").read_text())
     assert (r["skipped"], r["generated"], r["complete"]) == (len(left), 6 - len(left), True)
     assert {k: ((killed / k).stat().st_ino, (killed / k).stat().st_mtime_ns) for k in before} == before

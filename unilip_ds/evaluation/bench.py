@@ -395,24 +395,14 @@ def run_bench(o: Options) -> dict:
     if error:
         raise BenchError(error)
 
-    from diffusers import DPMSolverMultistepScheduler
-
-    from unilip_ds.inference.pipeline import UniLIPPipeline
-    pipe = UniLIPPipeline.from_pretrained(o.ckpt)
-    if run["resolution"] != pipe.config.resolution:
-        pipe.register_to_config(resolution=run["resolution"])
-    if o.flow_shift is not None:
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=o.flow_shift)
-    pipe = pipe.to(device, torch.bfloat16 if dtype == "bf16" else torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    mine = items[rank::world]
+    pending = [(it, k) for it in mine for k, rel in enumerate(it.outputs) if not (out / rel).is_file()]
+    skipped = sum(len(it.outputs) for it in mine) - len(pending)
+    pipe = _load_pipeline(o, run, device, dtype) if pending else None  # nothing to do: no model
     t_loaded = time.time()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         atomic_text(out / "run.json", json.dumps({**run, "complete": False, "started": _now()}, indent=1))
-
-    mine = items[rank::world]
-    pending = [(it, k) for it in mine for k, rel in enumerate(it.outputs) if not (out / rel).is_file()]
-    skipped = sum(len(it.outputs) for it in mine) - len(pending)
     for it in mine:
         if it.metadata is not None and not (out / it.folder / "metadata.jsonl").is_file():
             atomic_text(out / it.folder / "metadata.jsonl", json.dumps(it.metadata))
@@ -457,6 +447,21 @@ def run_bench(o: Options) -> dict:
         tdist.barrier()
         tdist.destroy_process_group()
     return run
+
+
+def _load_pipeline(o: Options, run: dict, device: str, dtype: str):
+    import torch
+    from diffusers import DPMSolverMultistepScheduler
+
+    from unilip_ds.inference.pipeline import UniLIPPipeline
+    pipe = UniLIPPipeline.from_pretrained(o.ckpt)
+    if run["resolution"] != pipe.config.resolution:
+        pipe.register_to_config(resolution=run["resolution"])
+    if o.flow_shift is not None:
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=o.flow_shift)
+    pipe = pipe.to(device, torch.bfloat16 if dtype == "bf16" else torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def _write_grid(out: Path, it: Item) -> None:
