@@ -110,7 +110,9 @@ def geneval_items(data: Sequence[str], samples: int, seed: int) -> Tuple[List[It
         prompt = _text(path, f"line {lineno}", meta, "prompt")
         _text(path, f"line {lineno}", meta, "tag")  # GenEval's scorer reads it
         i = len(items)
-        folder = meta.get("index", f"{i:05d}")
+        folder = meta.get("index", i)
+        if isinstance(folder, int) and not isinstance(folder, bool) and folder >= 0:
+            folder = f"{folder:05d}"
         if not isinstance(folder, str) or not folder.isdigit():
             raise BenchError(f"{path}: line {lineno} field 'index' must be a string of digits "
                              f"(GenEval's scorer reads numeric folders), got {folder!r}")
