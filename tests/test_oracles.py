@@ -384,3 +384,18 @@ def test_cache_fingerprint_refuses_each_changed_part_by_name(build_gen, tmp_path
                     lambda key=key, text=text: monkeypatch.setitem(P.TEMPLATES, key, text), monkeypatch.undo)
         refused("prompt" if level == "prefix" else None,
                 lambda: monkeypatch.setitem(P.NULL_PROMPTS, "t2i", "An image."), monkeypatch.undo)
+
+
+# ------------------------------------------------------------------------------ trainer input
+def test_uint8_images_reach_the_task_in_unit_range():
+    """The data layer ships images as uint8; on the device they become x / 255 in [0, 1]."""
+    from unilip_ds.trainer import to_device
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, 5, 5), generator=g, dtype=torch.uint8)
+    images[0, 0, 0, 0], images[0, 0, 0, 1] = 255, 0
+    ids = torch.randint(0, 256, (2, 7), generator=g, dtype=torch.uint8)  # not an image: left as it is
+    out = to_device({"image": images, "ids": ids, "__key__": ["a", "b"]}, torch.device("cpu"))
+    assert out["image"].dtype == torch.float32
+    torch.testing.assert_close(out["image"], images.double().div(255).float(), atol=0, rtol=0)
+    assert out["image"].max() == 1.0 and out["image"].min() == 0.0
+    assert torch.equal(out["ids"], ids) and out["__key__"] == ["a", "b"]
