@@ -18,7 +18,6 @@ Prints one json line per command: seconds, samples written, seconds per 10k samp
 import argparse
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -42,16 +41,18 @@ def _add(tar, name, data):
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_all(root: Path, n: int, size: int) -> None:
+def write_all(root: Path, n: int, size: int, only=None) -> None:
     from PIL import ImageOps
 
     from unilip_ds.data.sample_images import jpeg_bytes, samples
 
     pool = samples(min(n, 200), size)  # captions carry the index: no two samples equal
     photos = [pool[i % len(pool)] for i in range(n)]
+    want = lambda *names: not only or any(x in only for x in names)  # noqa: E731
+    root.mkdir(parents=True)
     # BLIP3o: tars of 1000 samples
-    (root / "blip3o").mkdir(parents=True)
-    for t in range(0, n, 1000):
+    (root / "blip3o").mkdir()
+    for t in range(0, n if want("blip3o") else 0, 1000):
         with tarfile.open(root / "blip3o" / f"{t // 1000:05d}.tar", "w") as tar:
             for i in range(t, min(n, t + 1000)):
                 _add(tar, f"{i:08d}.jpg", jpeg_bytes(photos[i].image))
@@ -62,7 +63,7 @@ def write_all(root: Path, n: int, size: int) -> None:
     ge = root / "GPT-Image-Edit-1.5M"
     (ge / "training_json").mkdir(parents=True)
     lines = []
-    for k, (src, task) in enumerate(tasks):
+    for k, (src, task) in enumerate(tasks if want("gpt_edit", "llava") else []):
         folder = ge / "gpt-edit" / src / task
         for d in ("input", "output", "metadata"):
             (folder / d).mkdir(parents=True)
@@ -86,7 +87,7 @@ def write_all(root: Path, n: int, size: int) -> None:
     sg = root / "ShareGPT-4o-Image"
     sg.mkdir()
     t2i, edit, images = [], [], []
-    for i in range(n):
+    for i in range(n if want("sgpt_t2i", "sgpt_edit") else 0):
         t2i.append({"input_prompt": f"{photos[i].caption} ({i})",
                     "output_image": f"text_to_image/{i}.png"})
         images.append((f"text_to_image/{i}.png", photos[i].image))
@@ -135,7 +136,7 @@ def main() -> int:
     if root.exists():
         shutil.rmtree(root)
     t0 = time.time()
-    write_all(root / "raw", args.samples, args.size)
+    write_all(root / "raw", args.samples, args.size, args.only)
     print(json.dumps({"wrote_replicas_s": round(time.time() - t0, 1)}), flush=True)
     extra = ["--no-progress", "--workers", str(args.workers)]
     if args.resize:

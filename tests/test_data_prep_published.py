@@ -102,16 +102,20 @@ def _write_gpt_edit(root: Path, per_task: int = 2):
     return want
 
 
-README_EXTRACT = ("cd gpt-edit && for a in hqedit omniedit ultraedit; "
-                  "do cat $a.tar.gz.part* | tar -xzf -; done")
+def _readme_extract(root: Path) -> str:
+    """The README's GPT-Image-Edit extract command, with its /raw folder replaced."""
+    lines = [ln.strip() for ln in (REPO / "README.md").read_text().splitlines()
+             if "tar -xzf -" in ln and ln.startswith("    ")]
+    assert len(lines) == 1, lines
+    return lines[0].replace("/raw/", f"{root}/")
 
 
 def test_gpt_image_edit_archives_and_task_folders(tmp_path):
     # the published archives: <src>.tar.gz split into .partNNN pieces
     tree = tmp_path / "tree"
     want = _write_gpt_edit(tree)
-    pub = tmp_path / "gpt-edit"
-    pub.mkdir()
+    pub = tmp_path / "raw" / "GPT-Image-Edit-1.5M" / "gpt-edit"
+    pub.mkdir(parents=True)
     for src in TASKS:
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w:gz") as tar:
@@ -125,7 +129,7 @@ def test_gpt_image_edit_archives_and_task_folders(tmp_path):
         run(PrepConfig(srcs=[str(pub)], dst=str(tmp_path / "no"), kind="edit", workers=1,
                        progress=False))
     # the README's extract command, as written; one source folder reached by a symlink
-    subprocess.run(["bash", "-c", README_EXTRACT], cwd=tmp_path, check=True)
+    subprocess.run(["bash", "-c", _readme_extract(tmp_path / "raw")], check=True)
     elsewhere = tmp_path / "other_disk"
     elsewhere.mkdir()
     os.rename(pub / "ultraedit", elsewhere / "ultraedit")
@@ -211,7 +215,8 @@ def _write_sharegpt(root: Path):
     for part in (1, 2):
         with tarfile.open(root / f"image_part_{part}.tar", "w") as tar:
             for n in names[part - 1::2]:
-                info = tarfile.TarInfo(n if part == 1 else f"./{n}")
+                # member names as tar(1) may write them: ./image/.. or <top folder>/image/..
+                info = tarfile.TarInfo(f"./{n}" if part == 1 else f"ShareGPT-4o-Image/{n}")
                 info.size = len(images[n])
                 tar.addfile(info, io.BytesIO(images[n]))
     return want_t2i, want_edit
@@ -221,7 +226,7 @@ def _files(root: Path):
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
-def test_sharegpt4o_images_read_from_part_tars(tmp_path, caplog):
+def test_sharegpt4o_images_read_from_part_tars(tmp_path, caplog, monkeypatch):
     root = tmp_path / "ShareGPT-4o-Image"
     want_t2i, want_edit = _write_sharegpt(root)
     published = _files(root)
@@ -241,8 +246,20 @@ def test_sharegpt4o_images_read_from_part_tars(tmp_path, caplog):
     folder = run(PrepConfig(srcs=[str(root)], dst=str(tmp_path / "folder"), kind="t2i",
                             workers=1, progress=False))
     assert folder.samples == 5 and folder.skipped == {"edit_record": 6}
+    folder = run(PrepConfig(srcs=[str(root)], dst=str(tmp_path / "folder_edit"), kind="edit",
+                            workers=1, progress=False))
+    assert folder.samples == 5
+    assert folder.skipped == {"t2i_record": 5, "several_input_images": 1}
     assert _files(root) == published  # nothing extracted
-    assert caplog.text.count("indexing 2 image tars") == 3  # once per run (per --dst)
+    assert caplog.text.count("indexing 2 image tars") == 4  # once per --dst
+    # an interrupted run's index is reused when it resumes
+    caplog.clear()
+    cfg = PrepConfig(srcs=[str(root / "text_to_image.json")], dst=str(tmp_path / "resumed"),
+                     kind="t2i", shard_samples=2, workers=1, progress=False)
+    _interrupted(cfg, monkeypatch)
+    assert run(cfg).samples == 5
+    assert caplog.text.count("indexing 2 image tars") == 1
+    assert sorted(s["txt"].decode() for s in _samples(tmp_path / "resumed")) == sorted(want_t2i)
 
 
 # ------------------------------------------------------------------ resume hazards
