@@ -19,6 +19,7 @@ import copy
 import re
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -399,3 +400,90 @@ def test_uint8_images_reach_the_task_in_unit_range():
     torch.testing.assert_close(out["image"], images.double().div(255).float(), atol=0, rtol=0)
     assert out["image"].max() == 1.0 and out["image"].min() == 0.0
     assert torch.equal(out["ids"], ids) and out["__key__"] == ["a", "b"]
+
+
+# ------------------------------------------------------------------------------ connector init
+def test_connector_starts_as_the_llms_last_layers_and_final_norm(build_gen):
+    _, m = build_gen()
+    llm, conn = m.llm, m.connector
+    n, total = len(conn.layers), len(llm.layers)
+    assert 0 < n < total
+    for i in range(n):
+        a, b = conn.layers[i].state_dict(), llm.layers[total - n + i].state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"connector layer {i}"
+    assert torch.equal(conn.norm.weight, llm.norm.weight)
+
+
+# ------------------------------------------------------------------------------ recon losses
+def _lpips_oracle(lpips, x, y):
+    """LPIPS v0.1 with VGG16 (Zhang et al. 2018, the lpips package's forward) written out: inputs
+    in [0, 1] -> [-1, 1] -> ScalingLayer; relu1_2 ... relu5_3; channel-unit-normalised squared
+    differences, weighted by the linear heads, averaged over space, summed over layers."""
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+    feats = []
+    for t in (x, y):
+        h, taps = ((t * 2 - 1) - shift) / scale, []
+        for i, layer in enumerate(lpips.vgg.features[:30]):
+            h = layer(h)
+            if i in (3, 8, 15, 22, 29):
+                taps.append(h)
+        feats.append(taps)
+    total = 0
+    for k, (a, b) in enumerate(zip(*feats)):
+        a = a / (a.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        b = b / (b.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        w = lpips.heads[k].model[1].weight.view(1, -1, 1, 1)
+        total = total + ((a - b) ** 2 * w).sum(1).mean((1, 2))
+    return total
+
+
+def test_recon_losses_against_their_formulas():
+    """recon_stage1's terms on images in [0, 1]: MSE(recon, image); LPIPS as written above; the
+    ConvNeXt logits' MSE on ImageNet-normalised images at the classifier's size."""
+    from unilip_ds.config import load_config
+    from unilip_ds.tasks.base import MAIN, build_task
+    cfg = load_config("recon_stage1", ["model.flavor=tiny", "model.perceptual_pretrained=false"])
+    model = build_task(cfg).build_modules()[MAIN].eval()
+    images = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(images)
+        recon = out["recon"].float()
+        torch.testing.assert_close(out["loss/mse"], (recon - images).pow(2).mean(), atol=1e-7, rtol=1e-5)
+        nets = model.perceptual
+        torch.testing.assert_close(out["loss/lpips"], _lpips_oracle(nets.lpips, recon, images).mean(),
+                                   atol=1e-7, rtol=1e-4)
+        size = (nets.classifier_size,) * 2
+        mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+
+        def logits(t):
+            t = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True)
+            return nets.convnext((t - mean) / std)
+        torch.testing.assert_close(out["loss/logits"], (logits(recon) - logits(images)).pow(2).mean(),
+                                   atol=1e-7, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------ recon metrics
+def test_psnr_ssim_per_image_and_their_means_match_scikit_image():
+    """Two images with different error levels in one batch: each gets its own PSNR / SSIM
+    (scikit-image on that pair), and ReconMetrics reports their means over images."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    from unilip_ds.evaluation.metrics import psnr, ssim
+    from unilip_ds.evaluation.recon import ReconMetrics
+    rng = np.random.default_rng(0)
+    real = np.round(rng.random((2, 32, 32, 3)) * 255) / 255
+    fake = np.round(np.clip(real + rng.normal(0, 1, real.shape) * np.array([0.02, 0.2]).reshape(2, 1, 1, 1),
+                            0, 1) * 255) / 255
+    want_psnr = [peak_signal_noise_ratio(real[i], fake[i], data_range=1.0) for i in range(2)]
+    want_ssim = [structural_similarity(fake[i], real[i], data_range=1.0, channel_axis=-1, gaussian_weights=True,
+                                       sigma=1.5, use_sample_covariance=False) for i in range(2)]
+    t = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).float()  # noqa: E731
+    np.testing.assert_allclose(psnr(t(fake), t(real)).numpy(), want_psnr, atol=1e-3)
+    np.testing.assert_allclose(ssim(t(fake), t(real)).numpy(), want_ssim, atol=1e-4)
+    metrics = ReconMetrics()
+    metrics.update(t(real), t(fake))
+    got = metrics.result()
+    assert got["images"] == 2
+    assert got["psnr"] == pytest.approx(np.mean(want_psnr), abs=1e-3)
+    assert got["ssim"] == pytest.approx(np.mean(want_ssim), abs=1e-4)
