@@ -182,22 +182,29 @@ class ShardPlan:
 
 def skip_report(records: List[Dict[str, Any]], skipped: Dict[str, int],
                 max_rate: float) -> Optional[str]:
-    """The message when more than max_rate of the samples read were lost, else None.
-    Lost: read, not kept, not a duplicate and not left out by design (FILTERED)."""
+    """The message when more than max_rate of the samples read were lost (or of the
+    units are corrupt tars), else None. Lost: read, not kept, not a duplicate and not
+    left out by design (FILTERED)."""
     read = sum(r["read"] for r in records)
     valid = sum(r["samples"] for r in records)
     filtered = sum(n for k, n in skipped.items() if k in FILTERED)
     considered = read - filtered
     lost = considered - valid
-    if considered <= 0 or lost / considered <= max_rate:
+    # a corrupt tar loses an unknown number of samples: it counts as a share of the units
+    corrupt = skipped.get("corrupt_tar", 0) / max(1, len(records))
+    if (considered <= 0 or lost / considered <= max_rate) and corrupt <= max_rate:
         return None
     examples: Dict[str, List[str]] = {}
     for rec in sorted(records, key=lambda r: r["index"]):
         for reason, paths in rec.get("examples", {}).items():
             ex = examples.setdefault(reason, [])
             ex += paths[:S.EXAMPLES - len(ex)]
-    lines = [f"{lost} of {considered} samples read ({100 * lost / considered:.1f}%) were lost, "
-             f"more than --max-skip-rate {max_rate:g}; nothing written. By reason:"]
+    share = lost / max(1, considered)
+    head = (f"{lost} of {considered} samples read ({100 * share:.1f}%) were lost"
+            if share > max_rate else
+            f"{skipped['corrupt_tar']} of {len(records)} source units ({100 * corrupt:.1f}%) "
+            f"are corrupt tars")
+    lines = [f"{head}, more than --max-skip-rate {max_rate:g}; nothing written. By reason:"]
     for reason, n in sorted(skipped.items(), key=lambda kv: -kv[1]):
         tag = " (left out by design, not counted)" if reason in FILTERED else \
             " (not counted)" if reason == "duplicate" else ""

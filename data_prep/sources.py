@@ -264,8 +264,11 @@ def _read_tar(unit: Unit, counts: Dict[str, int], examples: Dict[str, List[str]]
                 data = tar.extractfile(m).read()  # type: ignore[union-attr]
                 if role is not None:
                     parts[role] = data
-            # tarfile ends iteration silently at an invalid header in mid-archive; only
-            # zero padding may follow a real end-of-archive
+            # tarfile ends iteration silently where the file ends (no end-of-archive
+            # block was read: a truncated tar) and at an invalid header in mid-archive;
+            # only zero padding may follow a real end-of-archive
+            if tar.fileobj.tell() == tar.offset:  # type: ignore[union-attr]
+                raise tarfile.ReadError("truncated: no end-of-archive marker")
             for block in iter(lambda: tar.fileobj.read(1 << 20), b""):  # type: ignore
                 if block.strip(b"\0"):
                     raise tarfile.ReadError("data after the end of the archive")

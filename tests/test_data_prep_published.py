@@ -372,6 +372,16 @@ def test_skip_threshold_and_failed_units_retried(tmp_path, capsys, caplog):
     with pytest.raises(SkipRateError):
         run(PrepConfig(srcs=[str(root)], dst=str(tmp_path / "d3"), kind="edit", workers=1,
                        progress=False, max_skip_rate=0.05))
+    # a truncated source tar (its lost samples unknown) counts as a share of the units
+    tars = tmp_path / "tars"
+    _t2i_tars(tars, 4, 3)
+    data = (tars / "00002.tar").read_bytes()
+    (tars / "00002.tar").write_bytes(data[:len(data) // 2])
+    with pytest.raises(SkipRateError, match=r"1 of 4 source units \(25.0%\) are corrupt tars"):
+        run(PrepConfig(srcs=[str(tars)], dst=str(tmp_path / "d4"), workers=1, progress=False))
+    m = run(PrepConfig(srcs=[str(tars)], dst=str(tmp_path / "d5"), workers=1, progress=False,
+                       max_skip_rate=0.25))
+    assert m.skipped == {"corrupt_tar": 1} and 9 <= m.samples < 12
 
 
 # ---------------------------------------------------------------- memory at scale
