@@ -269,13 +269,11 @@ def test_cfg_edit_null_rows_keep_the_image(build_gen):
 
 
 def test_pipeline_guidance_changes_the_images_by_a_margin(build_gen):
-    """UniLIPPipeline from a GenModel of the tiny flavor: guidance 1 and 4.5 must differ by
-    more than a rounding error, with the real DiT and with a stub whose conditional and
-    null velocities differ."""
+    """UniLIPPipeline over a freshly loaded tiny GenModel (real DiT, random connector): images
+    at guidance 1 and 4.5 must differ by more than a rounding error (measured: 0.43; ignoring
+    guidance gives 0)."""
     from unilip_ds.inference.pipeline import UniLIPPipeline
     task, m = build_gen()
-    with torch.no_grad():  # a condition that matters: the projector's output is the DiT's caption input
-        m.connector.projector.weight.mul_(20)
 
     def images(pipe, guidance):
         return pipe(prompt=CAPTIONS[:2], num_inference_steps=3, guidance_scale=guidance, output_type="pt",
