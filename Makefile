@@ -1,6 +1,7 @@
 # Two set-up commands, each creating/reusing .venv with pinned dependencies:
 #   make demo   runs the main job on embedded defaults (tiny models, CPU, 2 processes)
 #   make test   runs the whole test suite
+#   make test-fast  the in-process subset for the edit-test loop (< 5 minutes on 2 idle cores)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,7 +10,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: venv demo test clean-venv
+.PHONY: venv demo test test-fast clean-venv
 
 venv: $(VENV)/.installed
 
@@ -27,6 +28,14 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -ra --durations=15 tests
+
+# models, losses against their oracles, flash-attention on CPU, FLOP counts, configs, data
+# decoding and streaming: no multi-process training runs (measured: 144 s of CPU on a loaded
+# 2-core machine, including test_nonfinite_grads' runs, which are left out here)
+FAST_TESTS := test_config test_models test_gen_model test_flash_standin test_gen_flops test_oracles \
+	test_data_decode test_data_stream test_storage test_weights
+test-fast: venv
+	$(PY) -m pytest -ra --durations=10 $(addprefix tests/,$(addsuffix .py,$(FAST_TESTS)))
 
 clean-venv:
 	rm -rf $(VENV)

@@ -7,6 +7,10 @@ then runs only over the 256 query positions).
     .venv/bin/python benchmarks/gen_flops.py                    # 1b, per-GPU batch 32, T2I + edit
     .venv/bin/python benchmarks/gen_flops.py --flavor tiny --batch 4 --json
 
+The counter is the library's (unilip_ds/flops.py: what every training run counts at its
+start for its MFU); this script adds the per-component table, the whole-step cross-check,
+the cache-level predictions and the optimizer row.
+
 How it counts: torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions, attention;
 forward and backward) around each of the model's own methods, called as GenModel.forward
 calls them, on the META device by default: the model is built from its config with no
@@ -50,7 +54,6 @@ with the cache; so the measured ratios should come out somewhat below the FLOP p
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -59,9 +62,10 @@ from typing import Dict, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gen_step import fake_prompts  # noqa: E402
+from unilip_ds.flops import (ADAMW_FLOPS_PER_PARAM, GEN_COMPONENTS, conv_backward_flop,  # noqa: E402,F401
+                             flop_counter, gen_batch, gen_component_flops)
 
-COMPONENTS = ("target_enc", "ref_enc", "llm_prefix", "llm_query", "connector", "dit", "optimizer")
+COMPONENTS = GEN_COMPONENTS + ("optimizer",)
 # cached components per level (DESIGN 2.3)
 LEVELS = {"none": (), "latents": ("target_enc", "ref_enc"), "prefix": ("target_enc", "ref_enc", "llm_prefix")}
 TARGETS = {"t2i": 1.4, "edit": 1.8}  # issue 8: prefix at least this much faster than none at 1B
@@ -80,38 +84,6 @@ NOTES = """notes:
   does not need), which shrinks the frozen share: --no-grad-checkpointing for the other case.
 - conv backward FLOPs: torch's formula ignores groups for the weight gradient; counted here
   with it divided by groups (see conv_backward_flop)."""
-ADAMW_FLOPS_PER_PARAM = 16  # m, v updates, bias corrections, sqrt, divide, weight decay, step
-
-
-def conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
-                       _output_padding, groups, output_mask, out_shape=None, **kwargs) -> int:
-    """torch's aten.convolution_backward formula with the weight-gradient term divided by
-    `groups`. torch's own (2.13) ignores groups there, which for a depthwise conv overcounts
-    by the channel count: SANA's GLUMBConv has a 3x3 depthwise conv over 5760 channels in
-    each of 28 blocks, and the uncorrected DiT backward comes out 16x its forward (~4.3
-    TFLOPs/sample of phantom work at 1B; benchmarks/gen_step.py's MFU inherits this)."""
-    from torch.utils.flop_counter import conv_flop_count, get_shape
-
-    def t(shape):
-        return [shape[1], shape[0]] + list(shape[2:])
-    flops = 0
-    if output_mask[0]:
-        flops += conv_flop_count(grad_out_shape, w_shape, get_shape(out_shape[0]), not transposed)
-    if output_mask[1]:
-        gw = get_shape(out_shape[1])
-        if transposed:
-            flops += conv_flop_count(t(grad_out_shape), t(x_shape), t(gw), transposed=False) // groups
-        else:
-            flops += conv_flop_count(t(x_shape), t(grad_out_shape), t(gw), transposed=False) // groups
-    return flops
-
-
-def flop_counter():
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flop})
-
-
 def build(flavor: str, device: str, attn: str = "sdpa", grad_checkpointing: Optional[bool] = None):
     import torch
 
@@ -132,71 +104,15 @@ def build(flavor: str, device: str, attn: str = "sdpa", grad_checkpointing: Opti
 
 
 def make_batch(model, task: str, batch: int, prompt_tokens: int, device: str):
-    import torch
-    res = model.resolution
-    side = res // model.mllm.config.vision_config.patch_size[0] * model.mllm.config.downsample_ratio
-    n_img = int(side) ** 2  # UniLIP tokens of the reference image (256 at 448 px)
-    prompts = fake_prompts(task, batch, prompt_tokens, n_img, model.llm.config.vocab_size,
-                           model.mllm.config.image_token_id)
-    image_mask = prompts.image_mask
-    prompts = prompts.to(device)
-    if device == "meta" and task == "t2i":
-        # GenModel.prefix checks bool(image_mask.any()) for T2I (no reference features); a
-        # meta tensor has no value, so the (all-False) image mask stays on the CPU. It is
-        # not used otherwise when there are no reference features.
-        prompts.image_mask = image_mask
-    images = torch.rand(batch, 3, res, res, device=device)
-    ref = torch.rand(batch, 3, res, res, device=device) if task == "edit" else None
-    return prompts, images, ref
+    return gen_batch(model, task, batch, prompt_tokens, device)
 
 
 def component_flops(model, prompts, images, ref) -> Dict[str, Dict[str, int]]:
-    """{component: {"fwd": flops, "bwd": flops}} of one training step, the model's own methods
-    called in GenModel.forward's order; backward cut at the component boundaries."""
-    import torch
-
-    from unilip_ds.models.generator import NUM_TRAIN_TIMESTEPS, train_sigmas
-    out: Dict[str, Dict[str, int]] = {c: {"fwd": 0, "bwd": 0} for c in COMPONENTS}
-
-    @contextlib.contextmanager
-    def counted(name: str, phase: str):
-        counter = flop_counter()
-        with counter:
-            yield
-        out[name][phase] += counter.get_total_flops()
-
-    with counted("target_enc", "fwd"):
-        x0 = model.target_latent(images).float()
-    feats = None
-    if ref is not None:
-        with counted("ref_enc", "fwd"):  # GenModel.forward calls it outside no_grad; nothing requires grad
-            feats = model.image_features(ref)
-    with counted("llm_prefix", "fwd"):
-        state = model.prefix(prompts, feats)
-    with counted("llm_query", "fwd"):
-        hidden, mask, pos = model.llm_hidden(state)
-    hidden_in = hidden.detach().requires_grad_(True)
-    with counted("connector", "fwd"):
-        enc = model.connector(hidden_in, mask, pos)
-    enc_in = enc.detach().requires_grad_(True)
-    b = x0.shape[0]
-    u = torch.sigmoid(torch.randn(b))
-    sigma = train_sigmas(u, 1.0).to(x0.device)
-    noise = torch.randn_like(x0)
-    s = sigma.view(-1, 1, 1, 1)
-    x_t = (1 - s) * x0 + s * noise
-    with counted("dit", "fwd"):
-        pred = model.velocity(x_t, sigma * NUM_TRAIN_TIMESTEPS, enc_in, mask)
-        loss = (pred.float() - (noise - x0)).pow(2).flatten(1).mean(1).mean()
-    with counted("dit", "bwd"):
-        loss.backward()
-    with counted("connector", "bwd"):
-        enc.backward(enc_in.grad)
-    with counted("llm_query", "bwd"):
-        hidden.backward(hidden_in.grad)
+    """{component: {"fwd": flops, "bwd": flops}} of one training step (unilip_ds.flops.
+    gen_component_flops: the backward cut at the component boundaries) + the optimizer row."""
+    out = gen_component_flops(model, prompts, images, ref)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    out["optimizer"]["fwd"] = ADAMW_FLOPS_PER_PARAM * n  # analytic; FlopCounterMode counts 0
-    model.zero_grad(set_to_none=True)
+    out["optimizer"] = {"fwd": ADAMW_FLOPS_PER_PARAM * n, "bwd": 0}  # analytic; FlopCounterMode counts 0
     return out
 
 

@@ -75,3 +75,23 @@ def test_cache_speed_flavor_keeps_the_1b_proportions():
             assert a.get(key) == b.get(key), (part, key)
     assert (small.num_queries, small.connector_layers, small.gen_resolution) == \
         (real.num_queries, real.connector_layers, real.gen_resolution)
+
+
+def test_run_counter_per_task_and_cache_shares():
+    """unilip_ds.flops (what a run counts at its start for the MFU, the counter above): per data
+    task of the run's sources, one sample at the nominal prompt; a window's FLOPs follow its
+    micro-batches' tasks and drop what the cached samples did not compute."""
+    from unilip_ds.config import load_config
+    from unilip_ds.flops import NOMINAL_PROMPT_TOKENS, stage_flops
+    cfg = load_config("gen_stage2", ["model.flavor=tiny", "data.resolution=224"])  # t2i + edit sources
+    rng = torch.random.get_rng_state()
+    s = stage_flops(cfg)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # the run's random stream is untouched
+    assert set(s.per_sample) == {"t2i", "edit"}
+    for task, f in s.per_sample.items():
+        assert f == sum(s.components[task].values()) and (s.components[task]["ref_enc"] > 0) == (task == "edit")
+    assert s.tokens["t2i"] == NOMINAL_PROMPT_TOKENS + 16 and s.tokens["edit"] == s.tokens["t2i"] + 64 + 2
+    t2i, edit, c = s.per_sample["t2i"], s.per_sample["edit"], s.components["edit"]
+    assert s.for_window({"t2i": 3, "edit": 1})[0] == pytest.approx((3 * t2i + edit) / 4)
+    half = s.for_window({"edit": 2}, {"data/cached_latents": 0.5, "data/cached_prefix": 0.25})[0]
+    assert half == pytest.approx(edit - 0.5 * (c["target_enc"] + c["ref_enc"]) - 0.25 * c["llm_prefix"])

@@ -74,6 +74,10 @@ class TrainConfig:
     test_nan_batches: List[int] = field(default_factory=list)
     # ... or keeps its (finite) loss but back-propagates infinite gradients
     test_inf_grad_batches: List[int] = field(default_factory=list)
+    # peak TFLOPS per device for the MFU in every logged step; 0 = from the device table
+    # (tracking.PEAK_TFLOPS: H100 / H200 SXM bf16 dense 989, A100 312, ...); on CPU, MFU
+    # only when this is set
+    peak_tflops: float = 0.0
 
 
 @dataclass

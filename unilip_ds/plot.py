@@ -3,10 +3,13 @@
     python -m unilip_ds.plot --run runs/recon_stage1 [--out <dir>]
 
 writes into <run>/plots/ (or --out): losses.png (every loss term), lr.png, grad_norm.png,
-throughput.png (samples/s, step time), data.png (data-wait fraction and the data layer's
-counters), eval.png (every eval metric) and overview.png (the total loss beside the main
-eval metric: PSNR for recon, the held-out flow loss for gen). A group with no values in the
-file is left out. A resumed run's records are merged by step (the last value wins).
+throughput.png (samples/s, tokens/s, step time), hardware.png (MFU, achieved TFLOPS per
+device), memory.png (peak device memory allocated / reserved, or RSS on CPU), data.png
+(data-wait fraction and the data layer's counters), eval.png (every eval metric) and
+overview.png (the total loss beside the main eval metric: PSNR for recon, the held-out flow
+loss for gen). A group with no values in the file is left out. A resumed run's records are
+merged by step (the last value wins). The run summaries (<run>/run_summary.jsonl, one per
+session of the run, written at its exit) go to summary.txt.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ GROUPS = {
     "losses": lambda k: k.startswith("loss/"),
     "lr": lambda k: k.startswith("lr/"),
     "grad_norm": lambda k: k.startswith("grad_norm/"),
-    "throughput": lambda k: k in ("samples_per_s", "step_time_s"),
+    "throughput": lambda k: k in ("samples_per_s", "tokens_per_s", "step_time_s"),
+    "hardware": lambda k: k in ("mfu", "tflops_per_device"),
+    "memory": lambda k: k.startswith("mem/"),
     "data": lambda k: k == "data_wait_frac" or k.startswith("data/"),
     "eval": lambda k: k.startswith("eval/") and k != "eval/images",
 }
@@ -56,6 +61,21 @@ def read_metrics(path: Path) -> Series:
     if not by_key:
         raise PlotError(f"{path} holds no metrics yet")
     return {k: sorted(v.items()) for k, v in by_key.items()}
+
+
+def read_summaries(path: Path) -> List[dict]:
+    """The run summaries (<run>/run_summary.jsonl: one per session, written at its exit)."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "steps" in record:
+            out.append(record)
+    return out
 
 
 def _figure(series: Series, keys: List[str], path: Path, title: str) -> Path:
@@ -100,6 +120,13 @@ def plot_run(run: Path, out: Path = None) -> List[Path]:
                        and k.count("/") == 2)  # per eval source (e.g. a training-set view)
     if overview:
         paths.append(_figure(series, overview, out / "overview.png", f"{run.name}: overview"))
+    summaries = read_summaries(run / "run_summary.jsonl")
+    if summaries:
+        from unilip_ds.tracking import summary_lines
+        text = [f"session {i} (ended at step {s['step']}):\n  " + "\n  ".join(summary_lines(s))
+                for i, s in enumerate(summaries, 1)]
+        (out / "summary.txt").write_text("\n".join(text) + "\n")
+        paths.append(out / "summary.txt")
     return paths
 
 

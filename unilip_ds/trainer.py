@@ -23,7 +23,7 @@ from unilip_ds.engine.ds_config import check_ds_config, zero_stage
 from unilip_ds.engine.ema import EMA
 from unilip_ds.engine.engines import build_engines, model_init_context
 from unilip_ds.tasks.base import MAIN, build_task
-from unilip_ds.tracking import Tracker, setup_logging
+from unilip_ds.tracking import HardwareMeter, Tracker, setup_logging
 
 log = logging.getLogger("unilip_ds")
 
@@ -139,6 +139,7 @@ class Trainer:
             log.info(f"resumed from {self.out / 'checkpoints' / tag} at step {self.step}")
         self.task.after_load(self.modules)
         self.tracker = Tracker(cfg, self.rank, run_id, start_step=self.step)
+        self.meter = HardwareMeter(cfg, self.rank, self.world, self.device)  # FLOPs per sample, once
         self._signal: Optional[str] = None
         self._sigint_at = 0.0
         for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
@@ -169,6 +170,7 @@ class Trainer:
                 f"rank {self.rank}: step {self.step + 1}: a collective failed "
                 f"({str(exc).strip().splitlines()[0][:300]}); a rank died or stalled for "
                 f"dist.timeout_s={cfg.dist.timeout_s}") from None
+        self.tracker.log_summary(self.step, self.meter.summary(self.step - first))
         self.close()
 
     def _loop(self, it, sums, counts, window, first) -> None:
@@ -189,6 +191,7 @@ class Trainer:
                 batch = next(it)
                 window["wait"] += time.perf_counter() - t_wait
                 self.skips.update(batch)
+                self.meter.batch(batch.get("__task__"))
                 batch = to_device(batch, self.device)
                 drawn += 1
                 if drawn in cfg.train.test_nan_batches and self.rank == self.world - 1:
@@ -323,16 +326,19 @@ class Trainer:
         metrics["step_time_s"] = step_time
         metrics["samples_per_s"] = gbs / step_time if step_time > 0 else 0.0
         metrics["train/skipped_nonfinite"] = self.nonfinite.total
+        metrics.update(self.meter.window_metrics(metrics, window, gbs))  # tokens/s, MFU, memory
         self.tracker.log(self.step, metrics)
         self.skips.check(totals)  # the same global figures on every rank: all stop together
 
     def evaluate(self) -> Dict[str, float]:
         # every rank evaluates the same held-out batches: under ZeRO-3 each forward is a
         # collective, so ranks must run the same forwards (the eval set is small)
+        t0 = time.perf_counter()
         batches = self._held_out()
         ctx = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
         with ctx, torch.no_grad():
             metrics = self.task.evaluate(self.engines, batches)
+        self.meter.add("eval", time.perf_counter() - t0)
         self.tracker.log(self.step, metrics)
         return metrics
 
@@ -347,6 +353,7 @@ class Trainer:
         ctx = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
         with ctx, torch.no_grad():  # the weights evaluate() scores
             grids = self.task.samples(self.engines, self.step, held_out)
+        self.meter.add("sample", time.perf_counter() - t0)
         if self.rank == 0 and grids:
             paths = self.tracker.log_images(self.step, grids)
             log.info(f"samples: {', '.join(str(p) for p in paths)} ({time.perf_counter() - t0:.1f}s)")
@@ -364,6 +371,7 @@ class Trainer:
             self.keys_file.flush()
         cdir = checkpoint.save(self.out, self.step, self.engines, rank_state, meta,
                                self.cfg.checkpoint.keep_last)
+        self.meter.add("checkpoint", time.perf_counter() - t0)
         log.info(f"saved {cdir} in {time.perf_counter() - t0:.1f}s")
 
     def close(self) -> None:
