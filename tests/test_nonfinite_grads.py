@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.launch_util import check, run, tiny_recon_args
+from tests.launch_util import REPO, env, tiny_recon_args
 from unilip_ds.engine import checkpoint
 
 
@@ -38,20 +38,36 @@ def _args(out, shards, precision, extra):
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
+def runs(tmp_path_factory):
+    """The fp32 (rollback) and bf16 (stop) runs, started together: each is one process with
+    one torch thread, mostly start-up time, so on two cores they take the time of one."""
+    import subprocess
+    import sys
+
     from unilip_ds.data.sample_images import write_caption_tars
-    d = tmp_path_factory.mktemp("shards")
-    write_caption_tars(d, count=12, per_tar=6, size=64)
-    return str(d)
+    root = tmp_path_factory.mktemp("nonfinite")
+    write_caption_tars(root / "shards", count=12, per_tar=6, size=64)
+    procs = {}
+    for precision, policy in (("fp32", "rollback"), ("bf16", "stop")):
+        out = root / precision
+        procs[precision] = (out, subprocess.Popen(
+            [sys.executable, "launch/train.py", *_args(out, str(root / "shards"), precision,
+                                                        [f"train.on_nonfinite={policy}"])],
+            cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    done = {}
+    for precision, (out, proc) in procs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        done[precision] = (out, subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    return done
 
 
-def test_infinite_gradients_with_a_finite_loss_fp32_skip_count_and_roll_back(shards, tmp_path):
+def test_infinite_gradients_with_a_finite_loss_fp32_skip_count_and_roll_back(runs):
     """fp32: steps 2 and 3 back-propagate infinite gradients with a finite loss. Step 2 is
     skipped (counted, weights and LR schedule unchanged), step 3 too, which is the second in
     a row: the run rolls back to step 2's checkpoint with the LR halved and retrains step 3
     on a new batch."""
-    out = tmp_path / "run"
-    proc = check(run("launch/train.py", _args(out, shards, "fp32", ["train.on_nonfinite=rollback"])))
+    out, proc = runs["fp32"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert [r["train/skipped_nonfinite"] for r in rows] == [0, 1, 2]  # counted, though the loss was finite
@@ -65,11 +81,10 @@ def test_infinite_gradients_with_a_finite_loss_fp32_skip_count_and_roll_back(sha
     assert checkpoint.read_meta(out, "step_00000003")["lr_scale"] == 0.5
 
 
-def test_infinite_gradients_with_a_finite_loss_bf16_skip_count_and_stop(shards, tmp_path):
+def test_infinite_gradients_with_a_finite_loss_bf16_skip_count_and_stop(runs):
     """bf16 (where DeepSpeed's overflow check is a setting): the same fault skips steps 2 and
     3 with the weights unchanged; with train.on_nonfinite=stop the second one ends the run."""
-    out = tmp_path / "run"
-    proc = run("launch/train.py", _args(out, shards, "bf16", ["train.on_nonfinite=stop"]))
+    out, proc = runs["bf16"]
     assert proc.returncode == 3, proc.stderr[-3000:]
     err = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
     assert len(err) == 1 and "step 3: 2 steps in a row with a non-finite loss or gradient norm" in err[0]
