@@ -74,10 +74,14 @@ def fingerprint(model, builder, level: str, dtype: torch.dtype, flavor: str) -> 
         encoder.update({f"dcae.{k}": v for k, v in full_state_dict(model.dcae.encoder).items()})
     parts = {"format": FORMAT, "level": level, "flavor": flavor, "dtype": str(dtype).replace("torch.", ""),
              "target": model.target, "latent_scale": repr(float(model.latent_scale)),
-             "resolution": str(model.resolution), "weights.encoder": tensor_hash(encoder)}
+             "resolution": str(model.resolution), "weights.encoder": tensor_hash(encoder),
+             # how images become encoder inputs (ImageNet normalisation in fp32, then the dtype)
+             "pixels": "imagenet-norm-fp32"}
     if level == "prefix":
         parts["weights.llm"] = tensor_hash(full_state_dict(model.llm))
         prompt = {"templates": TEMPLATES, "null": NULL_PROMPTS, "chat": chat("{}"),
+                  # user text tokenised as text between the template's special tokens
+                  "user_text": "split_special_tokens; edit: <image> cut",
                   "max_length": builder.max_length, "num_queries": builder.num_queries,
                   "num_image_tokens": builder.num_image_tokens}
         parts["prompt"] = hashlib.sha256(json.dumps(prompt, sort_keys=True).encode()).hexdigest()
