@@ -117,3 +117,21 @@ def test_console_tensorboard_grids_and_plots(sample_shards, tmp_path, capsys):
     assert main(["--run", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: no metrics file")
+
+
+def test_peak_tflops_table_override_and_cpu(monkeypatch):
+    import torch
+
+    from unilip_ds.tracking import peak_tflops
+    cuda = torch.device("cuda", 0)
+    for name, precision, peak in (("NVIDIA H200", "bf16", 989.0), ("NVIDIA H100 80GB HBM3", "bf16", 989.0),
+                                  ("NVIDIA H100 PCIe", "bf16", 756.0), ("NVIDIA A100-SXM4-80GB", "bf16", 312.0),
+                                  ("NVIDIA A100-SXM4-80GB", "fp32", 156.0)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda _d, name=name: name)
+        assert peak_tflops(cuda, precision) == (peak, f"{name}, dense {'bf16' if precision == 'bf16' else 'tf32'}")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda _d: "Some Future GPU")
+    value, why = peak_tflops(cuda, "bf16")
+    assert value is None and "train.peak_tflops" in why
+    assert peak_tflops(cuda, "bf16", 500.0) == (500.0, "train.peak_tflops")
+    assert peak_tflops(torch.device("cpu"), "fp32")[0] is None  # CPU: only when given
+    assert peak_tflops(torch.device("cpu"), "fp32", 0.5) == (0.5, "train.peak_tflops")
