@@ -133,6 +133,15 @@ def test_override_forms_a_new_user_types():
     # an unknown key is named as typed, whole
     with pytest.raises(ConfigError, match=r"config key 'model.foo.bar': unknown key"):
         load_config(None, ["model.foo.bar=1"])
+    # ... with the nearest real key: by spelling, or the name other trainers use
+    for typo, near in (("optim.learning_rate", "optim.lr"), ("optm.lr", "optim.lr"),
+                       ("model.intervl_path", "model.internvl_path"), ("train.batch_size", "train.micro_batch_size"),
+                       ("data.num_worker", "data.num_workers")):
+        with pytest.raises(ConfigError, match=rf"config key '{typo}': unknown key; did you mean '{near}'\?"):
+            load_config(None, [f"{typo}=1"])
+    with pytest.raises(ConfigError, match=r"unknown key \(") as e:  # nothing close: no guess
+        load_config(None, ["train.zzz_qqq=1"])
+    assert "did you mean" not in str(e.value)
 
 
 def test_warmup_not_shorter_than_the_run_is_a_warning():

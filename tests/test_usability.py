@@ -137,3 +137,31 @@ def test_data_prep_help_describes_every_option_and_the_input_layouts(script, kin
     for k in (kind,) if kind else ("t2i", "edit"):
         assert all(s in text for s in layouts[k]), text
     assert not any(s in text for s in absent), text
+
+
+def test_a_recon_export_given_as_gen_init_from_names_the_right_key(gen_assets):
+    from unilip_ds.config import ConfigError, load_config
+    from unilip_ds.models.gen_loading import check_paths
+    cfg = load_config("gen_stage2", ["model.flavor=tiny", f"model.init_from={gen_assets.recon}"])
+    with pytest.raises(ConfigError, match=r"model.init_from'.*is a recon export: give it as model.unilip_path"):
+        check_paths(cfg)
+
+
+def test_an_empty_or_broken_weights_directory_fails_at_start(gen_assets, sample_shards, tmp_path):
+    """(Used to pass the start checks and fail minutes later, after DeepSpeed built the model.)"""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    over = [f"run.output_dir={tmp_path / 'run'}", f"data.train.urls=[{sample_shards.dir}]",
+            "model.flavor=tiny", "model.perceptual_pretrained=false"]
+    for path in (empty, broken):
+        with pytest.raises(ConfigError, match=rf"config key 'model.internvl_path': InternVL3 checkpoint {path} is unusable"):
+            _prepare("recon_stage1", over + [f"model.internvl_path={path}"])
+        with pytest.raises(ConfigError, match=r"config key 'model.internvl_path': .*(is unusable|does not exist)"):
+            _prepare("gen_stage1", [f"run.output_dir={tmp_path / 'run'}", f"data.train.urls=[{sample_shards.dir}]"]
+                     + [o for o in gen_assets.overrides("dcae") if "internvl_path" not in o]
+                     + [f"model.internvl_path={path}"])
+    assert not (tmp_path / "run").exists()  # nothing left behind

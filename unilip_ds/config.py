@@ -253,7 +253,8 @@ def _apply_override(schema: Any, item: str) -> Any:
     except OmegaConfBaseException as exc:
         msg = str(exc).splitlines()[0]
         if isinstance(exc, ConfigKeyError) and key.startswith(str(getattr(exc, "full_key", "") or "")):
-            msg = f"unknown key ({msg})"
+            near = _did_you_mean(schema, key)
+            msg = f"unknown key; did you mean '{near}'?" if near else f"unknown key ({msg})"
         raise ConfigError(f"config key '{key}': {msg}") from None
     for split in ("train", "eval"):
         # a split has urls or sources: the one the command line names replaces
@@ -262,6 +263,40 @@ def _apply_override(schema: Any, item: str) -> Any:
         if other:
             OmegaConf.update(schema, f"data.{split}.{other}", [], merge=False)
     return schema
+
+
+# names users bring from other trainers -> this tree's leaf name
+_ALIASES = {"learning_rate": "lr", "batch_size": "micro_batch_size", "per_device_train_batch_size":
+            "micro_batch_size", "gradient_accumulation_steps": "grad_accum", "max_grad_norm": "grad_clip",
+            "warmup": "warmup_steps", "steps": "max_steps", "bf16": "precision"}
+
+
+def _did_you_mean(schema: Any, key: str) -> Optional[str]:
+    """The existing key closest to an unknown one: an alias's target in the same section,
+    else the nearest dotted key by spelling."""
+    import difflib
+    leaves: List[str] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        for k in node.keys() if OmegaConf.is_dict(node) else ():
+            child = node._get_node(k)
+            path = f"{prefix}{k}"
+            if OmegaConf.is_dict(child):
+                walk(child, path + ".")
+            else:
+                leaves.append(path)
+    walk(schema, "")
+    section, _, last = key.rpartition(".")
+    alias = _ALIASES.get(last)
+    for leaf in leaves:
+        if alias and leaf.rpartition(".")[2] == alias and leaf.startswith(section):
+            return leaf
+    near = difflib.get_close_matches(key, leaves, n=1, cutoff=0.75)
+    if near:
+        return near[0]
+    same = [leaf for leaf in leaves if leaf.rpartition(".")[0] == section]
+    near = difflib.get_close_matches(last, [leaf.rpartition(".")[2] for leaf in same], n=1, cutoff=0.6)
+    return f"{section}.{near[0]}" if near and section else (near[0] if near else None)
 
 
 def config_warnings(cfg: Config) -> List[str]:

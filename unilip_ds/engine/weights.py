@@ -107,6 +107,21 @@ def weight_files(path: str | Path) -> Dict[str, Optional[List[str]]]:
     return files
 
 
+def check_weights_dir(path: str | Path, key: str, what: str) -> None:
+    """Start check of a weights directory the run will read: it holds safetensors weights
+    whose headers parse (an empty or wrong folder fails now, in one line naming the key, not
+    after the engines are built)."""
+    from safetensors import SafetensorError
+
+    from unilip_ds.config import ConfigError
+    try:
+        if not weight_keys(path):
+            raise FileNotFoundError(f"no tensors in {path}")
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
+        raise ConfigError(f"config key '{key}': {what} {path} is unusable: "
+                          f"{(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+
+
 def weight_keys(path: str | Path) -> List[str]:
     """Every tensor name of a weights file / directory, from the headers alone."""
     keys: List[str] = []

@@ -47,11 +47,13 @@ def check_paths(cfg) -> None:
     if m.init_from:
         root = Path(m.init_from)
         _need(root, "gen export", "model.init_from")
+        if not (root / "model_index.json").is_file():
+            recon = all((root / n).exists() for n in ("vision", "adapter", "decoder"))
+            raise ConfigError(f"config key 'model.init_from': {root} is not a gen export (no model_index.json)"
+                              + ("; it is a recon export: give it as model.unilip_path" if recon else
+                                 "; recon exports go to model.unilip_path"))
         for name in ("mllm", "tokenizer", "connector", "transformer", "adapter", "decoder"):
             _need(root / name, f"component '{name}' of the export", "model.init_from")
-        if not (root / "model_index.json").is_file():
-            raise ConfigError(f"config key 'model.init_from': {root} is not a gen export "
-                              "(no model_index.json; recon exports go to model.unilip_path)")
         if g.target == "dcae" and not (root / "dcae").exists() and not m.dcae_path:
             raise ConfigError("config key 'model.dcae_path': gen.target=dcae and the export "
                               f"{root} holds no DC-AE")
@@ -70,9 +72,11 @@ def check_paths(cfg) -> None:
                                   "(or model.init_from = a gen export)")
             continue
         _need(p, what, f"model.{key}")
+    from unilip_ds.engine.weights import check_weights_dir
     if _path(cfg, "internvl_path"):
         _need(_path(cfg, "internvl_path") / "config.json", "config.json of the InternVL3 directory",
               "model.internvl_path")
+        check_weights_dir(_path(cfg, "internvl_path"), "model.internvl_path", "InternVL3 directory")
     if _path(cfg, "unilip_path"):
         u = _path(cfg, "unilip_path")
         for name in ("vision", "adapter", "decoder"):
@@ -81,6 +85,9 @@ def check_paths(cfg) -> None:
     if _path(cfg, "sana_path"):
         _need(_path(cfg, "sana_path") / "transformer", "transformer/ of the SANA directory",
               "model.sana_path")
+        check_weights_dir(_path(cfg, "sana_path") / "transformer", "model.sana_path", "SANA transformer/")
+    if g.target == "dcae" and _path(cfg, "dcae_path"):
+        check_weights_dir(_path(cfg, "dcae_path"), "model.dcae_path", "DC-AE directory")
 
 
 def _check_export_flavor(root: Path, flavor: str, key: str) -> None:

@@ -230,6 +230,11 @@ class ReconTask(Task):
                 raise ConfigError(f"config key 'model.init_from': {msg}")
             warn(f"model.init_from is not set: {msg}; this tiny run starts from random weights")
         check_start_weights(self.cfg)
+        if not m.init_from:  # what load_pretrained will read (the teacher is checked below)
+            from unilip_ds.engine.weights import check_weights_dir
+            for key, what in (("internvl_path", "InternVL3 checkpoint"), ("dcae_path", "DC-AE directory")):
+                if getattr(m, key):
+                    check_weights_dir(getattr(m, key), f"model.{key}", what)
         if self.with_teacher:
             check_teacher_path(self.cfg)
         ip = self.cfg.recon.inception_path
