@@ -25,21 +25,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def fake_prompts(task: str, batch: int, text: int, image_tokens: int, vocab: int, image_token_id: int):
-    import torch
-
-    from unilip_ds.models.prompts import PromptBatch
-    g = torch.Generator().manual_seed(0)
-    lengths = [text + (image_tokens + 2 if task == "edit" else 0) - (i % 7) for i in range(batch)]
-    width = max(lengths)
-    ids = torch.randint(0, min(vocab, 150000), (batch, width), generator=g)
-    mask = torch.arange(width)[None] < torch.tensor(lengths)[:, None]
-    image_mask = torch.zeros_like(mask)
-    if task == "edit":
-        image_mask[:, 10:10 + image_tokens] = True
-        ids[image_mask] = min(image_token_id, vocab - 1)
-    return PromptBatch(ids, mask, image_mask, lengths)
+from unilip_ds.flops import fake_prompts  # noqa: E402
 
 
 def run(args, impl: str, flops: Optional[int] = None) -> dict:
