@@ -252,3 +252,17 @@ def test_sample_shares_need_counts(tmp_path):
         src.samples = n  # given: no manifest needed
     shares = [s.weight for s in mix_sources(cfg.data, cfg.data.train, "train")]
     assert shares == [60000.0, 45717.0, 46489.0 * 3]
+
+
+def test_decode_inside_a_bf16_model_runs_an_fp32_decoder(build_gen):
+    """Training-time sample grids: the engine holds the frozen decoder in bf16."""
+    import copy
+    _, model = build_gen()
+    fp32_decoder = copy.deepcopy(model.decoder)
+    model.to(torch.bfloat16)
+    latent = torch.randn(1, 32, 8, 8, generator=torch.Generator().manual_seed(0))
+    got = model.decode(latent)
+    assert model.decoder.dtype == torch.bfloat16  # the model's own decoder is left as it was
+    want_model = copy.deepcopy(model)
+    want_model.decoder = fp32_decoder.to(torch.bfloat16).float()  # bf16 weights, fp32 maths
+    assert torch.equal(got, want_model.decode(latent))

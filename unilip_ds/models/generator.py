@@ -16,6 +16,7 @@ Model code is single-device code (no DeepSpeed here).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -119,9 +120,14 @@ class GenModel(nn.Module):
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Scaled latent -> fp32 images in [0, 1], as the reference: the latent divided by the
-        scale in fp32, decoded in the decoder's own dtype (fp32 in UniLIPPipeline), clamped,
-        then (UniLIP) the 28/32 bilinear resize to `resolution`; DC-AE: its own 512 px."""
+        scale in fp32, decoded in fp32, clamped, then (UniLIP) the 28/32 bilinear resize to
+        `resolution`; DC-AE: its own 512 px."""
         decoder = self.dcae if self.target == "dcae" else self.decoder
+        params = list(decoder.parameters())
+        if params[0].dtype != torch.float32 and not any(hasattr(p, "ds_id") for p in params):
+            # inside a bf16 engine (training-time sample grids): an fp32 copy for this call;
+            # a ZeRO-3-partitioned decoder stays in the engine's precision
+            decoder = copy.deepcopy(decoder).float()
         z = (latent.float() / self.latent_scale).to(next(decoder.parameters()).dtype)
         out = (decoder.decode(z).sample if self.target == "dcae" else decoder(z)).float().clamp(-1, 1)
         if self.target != "dcae":
