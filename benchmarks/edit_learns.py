@@ -1,0 +1,368 @@
+"""Does the generator's edit path learn (issue 21)? Figures, on CPU, for the tiny flavor.
+
+  overfit  (in process) a handful of edit pairs ("flip the image horizontally") trained with
+           GenModel's own flow loss until its samples reproduce the training targets. Printed:
+           PSNR of the sampled latents against the target latents, of copying the input's
+           latent (the copy baseline), and of the same model's samples with the reference
+           image zeroed (what the model makes without the image); the decoded images too.
+  export   a gen export (e.g. the demo's gen_stage2): held-out images edited, PSNR of the
+           output against the true target and against the input, and the copy baseline
+           (input vs target); T2I from held-out captions against the same seeds with the
+           caption dropped (null prompt).
+
+Latent PSNR is 10 log10(range^2 / MSE), range = max - min of the target latents (the same
+for every figure of a table, so they compare). The latent scale matters: rectified flow
+draws x_t = (1 - s) x0 + s eps with unit noise, so latents far below unit std carry almost
+no signal (the tiny flavor's default 10.6 is the 1b UniLIP's factor; a random or
+minutes-trained tiny UniLIP needs ~100); `--latent-scale auto` sets 1 / std of the target
+latents, as the reference derived its factor for its UniLIP.
+
+    .venv/bin/python benchmarks/edit_learns.py overfit [--pairs 4 --steps 600 --lr 2e-3]
+    .venv/bin/python benchmarks/edit_learns.py export --ckpt demo_out/exports/gen_stage2 \\
+        --edits demo_out/images/edit/heldout/edits.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+FLIP = "flip the image horizontally"
+
+
+def to_tensor(images, size: int) -> torch.Tensor:
+    """PIL images -> (B, 3, size, size) in [0, 1], squashed as the generator's data are."""
+    from PIL import Image
+    arr = [np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
+           for im in images]
+    return torch.from_numpy(np.stack(arr)).permute(0, 3, 1, 2).contiguous()
+
+
+def flip_pairs(n: int, size: int):
+    """The first n bundled photos and their mirror images: (inputs, targets)."""
+    from PIL import ImageOps
+    from unilip_ds.data.sample_images import PHOTOS, load_photo
+    photos = [load_photo(name) for name, _ in PHOTOS[:n]]
+    return to_tensor(photos, size), to_tensor([ImageOps.mirror(p) for p in photos], size)
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor, peak: float = 1.0) -> float:
+    """Mean over the batch of per-sample PSNR."""
+    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1).clamp_min(1e-12)
+    return float((10 * torch.log10(peak ** 2 / mse)).mean())
+
+
+def latent_scale_for(model, images: torch.Tensor) -> float:
+    """1 / std of the unscaled target latents of `images` (3 significant digits)."""
+    with torch.no_grad():
+        z = model.target_latent(images).float() / model.latent_scale
+    s = 1.0 / float(z.std())
+    return float(f"{s:.3g}")
+
+
+@torch.no_grad()
+def sample_latents(model, builder, task: str, texts: Sequence[Optional[str]], refs: Optional[torch.Tensor],
+                   steps: int = 20, guidance: float = 1.0, flow_shift: float = 3.0, seed: int = 0,
+                   ref_features: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Sampled (scaled) latents, one per text, seed + i for row i; `ref_features` replaces
+    the reference images' features (e.g. zeros)."""
+    from unilip_ds.inference.sampling import denoise, make_scheduler
+    b = len(texts)
+    feats = ref_features if ref_features is not None else (
+        model.image_features(refs) if refs is not None else None)
+    enc, mask = model.condition(model.prefix(builder(task, list(texts)), feats))
+    if guidance != 1.0:
+        enc_u, mask_u = model.condition(model.prefix(builder(task, [None] * b), feats))
+        t = max(enc.shape[1], enc_u.shape[1])
+        pad = torch.nn.functional.pad
+        enc = torch.cat([pad(enc_u, (0, 0, 0, t - enc_u.shape[1])), pad(enc, (0, 0, 0, t - enc.shape[1]))])
+        mask = torch.cat([pad(mask_u, (0, t - mask_u.shape[1]), value=False),
+                          pad(mask, (0, t - mask.shape[1]), value=False)])
+    side = model.resolution // (32 if model.target == "dcae" else 28)
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(b)]
+    return denoise(model.velocity, enc, mask, (b, model.transformer.config.in_channels, side, side),
+                   steps=steps, guidance=guidance, scheduler=make_scheduler(flow_shift), generator=gens)
+
+
+def overfit(task, model, inputs: torch.Tensor, targets: torch.Tensor, steps: int, lr: float,
+            instruction: str = FLIP, seed: int = 0, sample_steps: int = 20, log=None) -> Dict[str, float]:
+    """Train `model` (a GenModel whose trainable parts are the connector and the DiT) on the
+    pairs with its own flow loss (full batch, AdamW, no CFG dropout), then sample the
+    training inputs. The frozen outputs (reference features, target latents, the prompt
+    prefix) are computed once, as a prefix cache would; the loss is GenModel.forward's."""
+    builder = task.prompts()
+    n = inputs.shape[0]
+    prompts = builder("edit", [instruction] * n)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        x0 = model.target_latent(targets).float()
+        x_in = model.target_latent(inputs).float()
+        state = model.prefix(prompts, model.image_features(inputs))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.train()
+    t0, losses = time.time(), []
+    for step in range(steps):
+        loss = model(None, target=x0, prefix=state)["loss"].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if log and (step % 100 == 0 or step == steps - 1):
+            log(f"  step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+    model.eval()
+    texts = [instruction] * n
+    z = sample_latents(model, builder, "edit", texts, inputs, steps=sample_steps, seed=seed)
+    feats = model.image_features(inputs)
+    z0 = sample_latents(model, builder, "edit", texts, None, steps=sample_steps, seed=seed,
+                        ref_features=torch.zeros_like(feats))
+    peak = float(x0.max() - x0.min())
+    dec_t, dec_s, dec_0, dec_i = (model.decode(v) for v in (x0, z, z0, x_in))
+    return {"latent_psnr_sample": psnr(z, x0, peak), "latent_psnr_copy": psnr(x_in, x0, peak),
+            "latent_psnr_zeroed": psnr(z0, x0, peak), "latent_psnr_sample_vs_input": psnr(z, x_in, peak),
+            "image_psnr_sample": psnr(dec_s, dec_t), "image_psnr_copy": psnr(dec_i, dec_t),
+            "image_psnr_zeroed": psnr(dec_0, dec_t), "loss_first": float(np.mean(losses[:10])),
+            "loss_last": float(np.mean(losses[-10:])), "train_s": time.time() - t0,
+            "latent_scale": float(model.latent_scale)}
+
+
+def overfit_t2i(task, model, captions: Sequence[str], targets: torch.Tensor, steps: int, lr: float,
+                seed: int = 0, sample_steps: int = 20, log=None) -> Dict[str, float]:
+    """The T2I counterpart: caption i -> image i, trained as `overfit`; its samples against
+    the same model's with the caption dropped (the null prompt, same seeds)."""
+    builder = task.prompts()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        x0 = model.target_latent(targets).float()
+        state = model.prefix(builder("t2i", list(captions)))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    model.train()
+    t0, losses = time.time(), []
+    for step in range(steps):
+        loss = model(None, target=x0, prefix=state)["loss"].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if log and (step % 100 == 0 or step == steps - 1):
+            log(f"  step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+    model.eval()
+    z = sample_latents(model, builder, "t2i", list(captions), None, steps=sample_steps, seed=seed)
+    z0 = sample_latents(model, builder, "t2i", [None] * len(captions), None, steps=sample_steps, seed=seed)
+    peak = float(x0.max() - x0.min())
+    return {"latent_psnr_caption": psnr(z, x0, peak), "latent_psnr_dropped": psnr(z0, x0, peak),
+            "latent_psnr_caption_vs_dropped": psnr(z, z0, peak),
+            "loss_first": float(np.mean(losses[:10])), "loss_last": float(np.mean(losses[-10:])),
+            "train_s": time.time() - t0, "latent_scale": float(model.latent_scale)}
+
+
+def build_tiny(root: Path, latent_scale: Optional[str] = "auto", extra: Sequence[str] = (),
+               recon: Optional[str] = None, internvl: Optional[str] = None):
+    """(task, GenModel): a fresh tiny gen_stage2 from the tiny stand-in directories (as the
+    tests' fixtures build it); `latent_scale` "auto" = latent_scale_for the flip pairs."""
+    from unilip_ds.config import load_config
+    from unilip_ds.data.sample_images import PHOTOS
+    from unilip_ds.models import tiny_assets as T
+    from unilip_ds.tasks.base import MAIN, build_task
+    if not (root / "recon").exists():
+        internvl = T.save_tiny_internvl(root / "internvl", corpus=[c for _, c in PHOTOS])
+        T.save_tiny_sana(root / "sana")
+        T.save_tiny_dcae(root / "dcae")
+        T.save_tiny_recon_export(root / "recon", internvl)
+    over = ["model.flavor=tiny", f"model.internvl_path={internvl or root / 'internvl'}",
+            f"model.unilip_path={recon or root / 'recon'}",
+            f"model.sana_path={root / 'sana'}", "data.resolution=224", "data.train.sources=[]",
+            "data.train.urls=[/nonexistent]", "train.precision=fp32", "model.grad_checkpointing=false", *extra]
+    if latent_scale not in (None, "auto", "flavor"):
+        over.append(f"gen.latent_scale={latent_scale}")
+    cfg = load_config("gen_stage2", over)
+    task = build_task(cfg)
+    modules = task.build_modules()
+    task.load_pretrained(modules)
+    return task, modules[MAIN]
+
+
+def heldout_flip(task, model, count: int, steps: int, lr: float, batch: int = 8, seed: int = 0,
+                 sample_steps: int = 20, guidance: float = 1.0, log=None) -> Dict[str, float]:
+    """Generalisation: "flip the image horizontally" trained on `count` photos and variants
+    (random minibatches, the demo's held-out photos left out), then applied to the held-out
+    photos. Image PSNR of the output against the true target and against the input, and the
+    copy baseline (input vs target); the same in latent space."""
+    from PIL import ImageOps
+    from unilip_ds.data.sample_images import PHOTOS, load_photo, samples
+    from unilip_ds.models.generator import PrefixState
+    held = ("chelsea", "coffee", "astronaut")
+    train = [s_.image for s_ in samples(count) if s_.key.split("_")[0] not in held]
+    test = [load_photo(n) for n, _ in PHOTOS if n.split(".")[0] in held]
+    r = model.resolution
+    x_in, x_out = to_tensor(train, r), to_tensor([ImageOps.mirror(i) for i in train], r)
+    e_in, e_out = to_tensor(test, r), to_tensor([ImageOps.mirror(i) for i in test], r)
+    builder = task.prompts()
+    n = len(train)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        x0 = model.target_latent(x_out).float()
+        state = model.prefix(builder("edit", [FLIP] * n), model.image_features(x_in))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    model.train()
+    t0, losses = time.time(), []
+    for step in range(steps):
+        idx = torch.randperm(n)[:batch]
+        st = PrefixState(state.hidden[idx], [(k[idx], v[idx]) for k, v in state.kv], state.mask[idx])
+        loss = model(None, target=x0[idx], prefix=st)["loss"].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if log and (step % 200 == 0 or step == steps - 1):
+            log(f"  step {step + 1}/{steps} loss {np.mean(losses[-50:]):.4f} ({time.time() - t0:.0f}s)")
+    model.eval()
+    with torch.no_grad():
+        z = sample_latents(model, builder, "edit", [FLIP] * len(test), e_in, steps=sample_steps,
+                           guidance=guidance, seed=seed)
+        out = model.decode(z)
+        zt, zi = model.target_latent(e_out), model.target_latent(e_in)
+        rec_t = model.decode(zt)
+    peak = float(zt.max() - zt.min())
+    return {"train_pairs": n, "psnr_vs_target": psnr(out, e_out), "psnr_vs_input": psnr(out, e_in),
+            "psnr_copy": psnr(e_in, e_out), "psnr_recon_target": psnr(rec_t, e_out),
+            "latent_psnr_vs_target": psnr(z, zt, peak), "latent_psnr_vs_input": psnr(z, zi, peak),
+            "latent_psnr_copy": psnr(zi, zt, peak), "loss_last": float(np.mean(losses[-50:])),
+            "train_s": time.time() - t0, "latent_scale": float(model.latent_scale), "_out": out,
+            "_in": e_in, "_target": e_out}
+
+
+# -- export ------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_export(ckpt: str, edits_json: Optional[str], captions: Sequence[str], steps: int = 20,
+                    guidance: float = 4.5, seed: int = 0) -> dict:
+    """Held-out edits (vs target, vs input, copy baseline) and T2I caption vs dropped."""
+    from PIL import Image
+    from unilip_ds.inference.pipeline import UniLIPPipeline
+    pipe = UniLIPPipeline.from_pretrained(ckpt)
+    for name in ("decoder", "dcae"):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).to(torch.float32)
+    model, builder = pipe.gen_model(), pipe.prompt_builder()
+    r = model.resolution
+    out: dict = {"ckpt": str(ckpt), "latent_scale": float(model.latent_scale), "steps": steps,
+                 "guidance": guidance}
+    if edits_json:
+        root = Path(edits_json).parent
+        recs = json.loads(Path(edits_json).read_text())
+        inp = to_tensor([Image.open(root / x["input"]) for x in recs], r)
+        tgt = to_tensor([Image.open(root / x["output"]) for x in recs], r)
+        texts = [x["instruction"] for x in recs]
+        z = sample_latents(model, builder, "edit", texts, inp, steps=steps, guidance=guidance, seed=seed)
+        edited = model.decode(z)
+        feats = model.image_features(inp)
+        z0 = sample_latents(model, builder, "edit", texts, None, steps=steps, guidance=guidance, seed=seed,
+                            ref_features=torch.zeros_like(feats))
+        recon_t, recon_i = model.decode(model.target_latent(tgt)), model.decode(model.target_latent(inp))
+        out["edit"] = {
+            "n": len(recs), "psnr_vs_target": psnr(edited, tgt), "psnr_vs_input": psnr(edited, inp),
+            "psnr_copy": psnr(inp, tgt), "psnr_zeroed_ref_vs_target": psnr(model.decode(z0), tgt),
+            # the latent space's own ceiling: the target encoded and decoded
+            "psnr_recon_target": psnr(recon_t, tgt), "psnr_recon_input_vs_target": psnr(recon_i, tgt),
+            "per_image": [{"input": x["input"], "instruction": x["instruction"],
+                           "vs_target": psnr(edited[i:i + 1], tgt[i:i + 1]),
+                           "vs_input": psnr(edited[i:i + 1], inp[i:i + 1]),
+                           "copy": psnr(inp[i:i + 1], tgt[i:i + 1])} for i, x in enumerate(recs)]}
+    if captions:
+        z_c = sample_latents(model, builder, "t2i", captions, None, steps=steps, guidance=guidance, seed=seed)
+        z_n = sample_latents(model, builder, "t2i", [None] * len(captions), None, steps=steps, guidance=1.0,
+                             seed=seed)
+        im_c, im_n = model.decode(z_c), model.decode(z_n)
+        # different captions with the same seed: does the caption decide the image?
+        im_other = model.decode(sample_latents(model, builder, "t2i", list(captions[1:]) + list(captions[:1]),
+                                               None, steps=steps, guidance=guidance, seed=seed))
+        out["t2i"] = {"n": len(captions), "psnr_caption_vs_dropped": psnr(im_c, im_n),
+                      "latent_rms_caption_minus_dropped": float((z_c - z_n).pow(2).mean().sqrt()),
+                      "latent_rms_sample": float(z_c.pow(2).mean().sqrt()),
+                      "psnr_caption_vs_other_caption_same_seed": psnr(im_c, im_other)}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    o = sub.add_parser("overfit")
+    o.add_argument("--pairs", type=int, default=4)
+    o.add_argument("--task", choices=("edit", "t2i"), default="edit", help="t2i: caption -> photo pairs")
+    o.add_argument("--steps", type=int, default=600)
+    o.add_argument("--lr", type=float, default=2e-3)
+    o.add_argument("--latent-scale", default="auto", help="auto (1/std of the targets), flavor, or a number")
+    o.add_argument("--assets", default=None, help="tiny stand-in directories (default: a temporary folder)")
+    h = sub.add_parser("heldout")
+    h.add_argument("--recon", default=None, help="a recon export (e.g. the demo's recon_stage2); default: random")
+    h.add_argument("--internvl", default=None, help="the InternVL3 directory the recon encoder came from")
+    h.add_argument("--count", type=int, default=200)
+    h.add_argument("--steps", type=int, default=1500)
+    h.add_argument("--batch", type=int, default=8)
+    h.add_argument("--lr", type=float, default=1e-3)
+    h.add_argument("--guidance", type=float, default=1.0)
+    h.add_argument("--assets", default=None)
+    h.add_argument("--grid", default=None, help="write input | output | target rows here (PNG)")
+    h.add_argument("--extra", nargs="*", default=[], help="config overrides (e.g. model widths are the flavor's)")
+    e = sub.add_parser("export")
+    e.add_argument("--ckpt", required=True)
+    e.add_argument("--edits", default=None, help="edits.json of held-out pairs (write_flip_edit_folder layout)")
+    e.add_argument("--captions", nargs="*", default=None, help="held-out captions (default: the demo's)")
+    e.add_argument("--steps", type=int, default=20)
+    e.add_argument("--guidance", type=float, default=4.5)
+    e.add_argument("--out", default=None, help="write the figures as JSON here too")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.cmd == "overfit":
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(args.assets or tmp)
+            task, model = build_tiny(root, args.latent_scale)
+            inputs, targets = flip_pairs(args.pairs, model.resolution)
+            if args.latent_scale == "auto":
+                model.latent_scale = latent_scale_for(model, targets)
+            print(f"overfit: {args.pairs} {args.task} pairs, latent scale {model.latent_scale:g}, {args.steps} steps, "
+                  f"lr {args.lr:g}", flush=True)
+            say = lambda s: print(s, flush=True)  # noqa: E731
+            if args.task == "edit":
+                res = overfit(task, model, inputs, targets, args.steps, args.lr, log=say)
+            else:
+                from unilip_ds.data.sample_images import PHOTOS
+                caps = [c for _, c in PHOTOS[:args.pairs]]
+                res = overfit_t2i(task, model, caps, inputs, args.steps, args.lr, log=say)
+    elif args.cmd == "heldout":
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(args.assets or tmp)
+            task, model = build_tiny(root, "auto", args.extra, recon=args.recon, internvl=args.internvl)
+            from unilip_ds.data.sample_images import samples
+            model.latent_scale = latent_scale_for(model, to_tensor([s_.image for s_ in samples(64)], model.resolution))
+            print(f"heldout: latent scale {model.latent_scale:g}", flush=True)
+            res = heldout_flip(task, model, args.count, args.steps, args.lr, args.batch, guidance=args.guidance,
+                               log=lambda s: print(s, flush=True))
+            ims = [res.pop(k) for k in ("_in", "_out", "_target")]
+            if args.grid:
+                from unilip_ds.inference.sampling import grid, to_pil
+                grid([list(r) for r in zip(*(to_pil(x) for x in ims))]).save(args.grid)
+    else:
+        from unilip_ds.data.sample_images import PHOTOS
+        caps = args.captions if args.captions is not None else \
+            [c for n, c in PHOTOS if n.split(".")[0] in ("chelsea", "coffee", "astronaut")]
+        res = evaluate_export(args.ckpt, args.edits, caps, steps=args.steps, guidance=args.guidance)
+        if args.out:
+            Path(args.out).write_text(json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
