@@ -167,6 +167,8 @@ def test_flash_equals_sdpa_and_eager_on_the_llm_passes_and_the_connector(flash_g
     for impl, other in results.items():
         assert flash.keys() == other.keys()
         for key in flash:
-            torch.testing.assert_close(flash[key], other[key], atol=2e-5, rtol=1e-4,
+            # fp32 summation-order noise reaches ~3e-5 on single gradient elements; a broken mask or
+            # is_causal moves 7-97% of the elements by far more
+            torch.testing.assert_close(flash[key], other[key], atol=1e-4, rtol=1e-4,
                                        msg=lambda s, key=key, impl=impl: f"{key} flash vs {impl}: {s}")
     assert flash["grad.connector.queries.weight"].abs().sum() > 0

@@ -60,6 +60,19 @@ def tiny_tokenizer(corpus: Iterable[str], vocab_size: int = 640):
     return out
 
 
+def vision_position_embedding(vision_tower: torch.nn.Module) -> None:
+    """A fixed 2-D sin-cos table as the (random) vision tower's absolute position embedding.
+    transformers initialises it to zeros, which leaves a ViT permutation-equivariant over its
+    patches: every feature would depend on its patch's content only, so the edit reference's
+    tokens would carry no position for the DiT to look up (a pretrained InternViT's learnt
+    table does). No random draw: the other weights stay those of the seed."""
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+    emb = vision_tower.embeddings.position_embeddings
+    grid = int(round((emb.shape[1] - 1) ** 0.5))
+    with torch.no_grad():
+        emb[:, 1:] = get_2d_sincos_pos_embed(emb.shape[-1], grid, output_type="pt").to(emb.dtype)
+
+
 def save_tiny_internvl(out: Path, corpus: Iterable[str] = (), seed: int = 0) -> Path:
     from transformers import InternVLForConditionalGeneration
     tok = tiny_tokenizer(corpus)
@@ -69,7 +82,9 @@ def save_tiny_internvl(out: Path, corpus: Iterable[str] = (), seed: int = 0) -> 
     config = internvl_config(flavor)
     config.image_token_id = tok.convert_tokens_to_ids(IMG_CONTEXT)
     torch.manual_seed(seed)
-    model = bf16_exact(InternVLForConditionalGeneration(config).eval())
+    model = InternVLForConditionalGeneration(config).eval()
+    vision_position_embedding(model.model.vision_tower)
+    model = bf16_exact(model)
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
     return Path(out)
