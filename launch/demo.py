@@ -20,7 +20,7 @@ full output goes to <out>/demo.log. Each run's plots (python -m unilip_ds.plot) 
 to <out>/runs/<stage>/plots/.
 
     python launch/demo.py [--out demo_out] [--nproc 2] [--stage1-steps 400] [--stage2-steps 100]
-                          [--gen1-steps 40] [--gen2-steps 1200]
+                          [--gen1-steps 40] [--gen2-steps 1200] [--gen2-lr 1e-3]
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def write_images(dst: Path, count: int) -> None:
 
 # per task: (cache set, level): latents for T2I, the prompt prefix too for edit
 CACHE = {"t2i": ("s3://demo/cache/t2i/", "latents"), "edit": ("s3://demo/cache/edit/", "prefix")}
-GEN_COMMON = ["train.micro_batch_size=4", "train.precision=fp32", "train.log_every=20", "optim.lr=3e-4",
+GEN_COMMON = ["train.micro_batch_size=4", "train.precision=fp32", "train.log_every=20",
               "optim.weight_decay=0.0", "checkpoint.every_steps=200", "wandb.mode=offline",
               "data.num_workers=1", "data.shuffle_buffer=64", "gen.sample_steps=10"]
 
@@ -141,20 +141,36 @@ def psnr(a, b) -> float:
     return 10 * np.log10(255.0 ** 2 / max(mse, 1e-10))
 
 
-def generator_demo(out: Path, args, env, log: Path, bin_dir: Path, recon_common, recon_export: Path) -> dict:
+def latent_scale(recon_export: Path, folder: Path, resolution: int = 224) -> float:
+    """1 / std of the UniLIP latents of the images under `folder` (3 significant digits): the
+    factor that gives the generator unit-variance targets, as the reference's 10.6 does for
+    its 1b UniLIP. A tiny UniLIP's latents are smaller (std ~0.008 random, ~0.06 after the
+    recon stages here: x10.6 leaves 0.08 / 0.6 against the flow's unit noise; at 0.08 the DiT
+    learns the noise, not the image: benchmarks/edit_learns.py)."""
+    import torch
+    from unilip_ds.inference.reconstruct import iter_images, load_autoencoder, to_tensor
+    model, _ = load_autoencoder(recon_export)
+    images = torch.stack([to_tensor(im, resolution) for _, im in iter_images([str(folder)])][:64])
+    with torch.no_grad():
+        std = float(model.encode(images).std())
+    return float(f"{1.0 / std:.3g}")
+
+
+def generator_demo(out: Path, args, env, log: Path, bin_dir: Path, recon_common, recon_export: Path,
+                   internvl: Path) -> dict:
     """gen_stage1 -> gen_stage2 on the tiny flavors, then generate and edit held-out data."""
     from PIL import Image
 
     from unilip_ds.data.sample_images import PHOTOS
     from unilip_ds.inference.sampling import grid
     from unilip_ds.models import tiny_assets as T
-    print("generator: tiny InternVL3 / SANA / DC-AE directories", flush=True)
+    print("generator: tiny SANA / DC-AE directories", flush=True)
     assets = out / "assets"
-    corpus = [c for _, c in PHOTOS] + ["flip the image horizontally", "turn the image upside down"]
-    internvl = T.save_tiny_internvl(assets / "internvl", corpus=corpus)
     T.save_tiny_sana(assets / "sana")
     T.save_tiny_dcae(assets / "dcae")
     write_edit_images(out / "images" / "edit", args.images)
+    scale = latent_scale(recon_export, out / "images" / "edit" / "train" / "images")
+    print(f"  gen_stage2 latent scale (1 / std of the recon export's latents): {scale:g}", flush=True)
     for part in ("train", "heldout"):
         sh([sys.executable, "data_prep/shard_edit.py", "--src", out / "images" / "edit" / part,
             "--dst", f"s3://demo/shards/edit_{part}/", "--shard-size", "32", "--no-progress"], env, log)
@@ -164,9 +180,11 @@ def generator_demo(out: Path, args, env, log: Path, bin_dir: Path, recon_common,
         ("gen_stage1", args.gen1_steps,
          ["model.flavor=tiny", f"model.internvl_path={internvl}", f"model.unilip_path={recon_export}",
           f"model.sana_path={assets / 'sana'}", f"model.dcae_path={assets / 'dcae'}", "data.resolution=256",
-          f"data.train.urls=[{t2i['train']}]", f"data.eval.urls=[{t2i['heldout']}]", "optim.warmup_steps=10"]),
+          f"data.train.urls=[{t2i['train']}]", f"data.eval.urls=[{t2i['heldout']}]", "optim.warmup_steps=10",
+          "optim.lr=3e-4"]),
         ("gen_stage2", args.gen2_steps,
-         ["model.flavor=tiny", "data.resolution=224", "optim.warmup_steps=20", "data.train.mix=weight",
+         ["model.flavor=tiny", "data.resolution=224", "optim.warmup_steps=20", f"gen.latent_scale={scale}",
+          f"optim.lr={args.gen2_lr}", "data.train.mix=weight",
           "data.train.sources=[{name: t2i, task: t2i, weight: 0.5, urls: [%s], cache: %s}, "
           "{name: edit, task: edit, weight: 0.5, urls: [%s], cache: %s}]"
           % (t2i["train"], CACHE["t2i"][0], edit["train"], CACHE["edit"][0]),
@@ -180,7 +198,7 @@ def generator_demo(out: Path, args, env, log: Path, bin_dir: Path, recon_common,
                 dst, level = CACHE[task]
                 sh([sys.executable, "data_prep/cache_features.py", "--config", stage, "--task", task,
                     "--src", src, "--dst", dst, "--what", level, "--dtype", "fp32", "--no-progress",
-                    "model.flavor=tiny", "data.resolution=224", *init], env, log)
+                    "model.flavor=tiny", "data.resolution=224", f"gen.latent_scale={scale}", *init], env, log)
         sh([bin_dir / "torchrun", "--nproc_per_node", args.nproc, "launch/train.py", "--config", stage,
             "--ds_config", "ds_configs/zero2.json", *GEN_COMMON, *extra, *init, f"run.output_dir={run_dir}",
             f"train.max_steps={steps}", f"train.eval_every={max(1, steps // 4)}"], env, log, label=stage)
@@ -201,20 +219,23 @@ def generator_demo(out: Path, args, env, log: Path, bin_dir: Path, recon_common,
     sh(cmd, env, log)
 
     size = (224, 224)
-    rows, p_edit, p_copy = [], [], []
+    rows, p_edit, p_copy, p_in = [], [], [], []
     for i, r in enumerate(records):
         inp = Image.open(src / r["input"]).convert("RGB").resize(size, Image.BICUBIC)
         target = Image.open(src / r["output"]).convert("RGB").resize(size, Image.BICUBIC)
         edited = Image.open(edit_dir / f"{i:03d}_0.png").convert("RGB")
         p_edit.append(psnr(edited, target))
         p_copy.append(psnr(inp, target))
+        p_in.append(psnr(edited, inp))
         rows.append([inp, target, edited])
     generated = [Image.open(gen_dir / f"{i:03d}_0.png").convert("RGB") for i in range(len(held))]
     rows.append(generated)
     path = out / "generated_and_edited.png"
     grid(rows).save(path)
-    result = {"psnr_edit": sum(p_edit) / len(p_edit), "psnr_copy": sum(p_copy) / len(p_copy), "grid": str(path),
-              "edits": [{**r, "psnr_edit": a, "psnr_copy": b} for r, a, b in zip(records, p_edit, p_copy)]}
+    result = {"psnr_edit": sum(p_edit) / len(p_edit), "psnr_edit_vs_input": sum(p_in) / len(p_in),
+              "psnr_copy": sum(p_copy) / len(p_copy), "latent_scale": scale, "grid": str(path),
+              "edits": [{**r, "psnr_edit": a, "psnr_edit_vs_input": c, "psnr_copy": b}
+                        for r, a, b, c in zip(records, p_edit, p_copy, p_in)]}
     (out / "edit_scores.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -228,6 +249,7 @@ def main() -> int:
     ap.add_argument("--stage2-steps", type=int, default=100)
     ap.add_argument("--gen1-steps", type=int, default=40)
     ap.add_argument("--gen2-steps", type=int, default=1200)
+    ap.add_argument("--gen2-lr", type=float, default=1e-3)
     args = ap.parse_args()
 
     out = Path(args.out).resolve()
@@ -250,6 +272,12 @@ def main() -> int:
             sh([sys.executable, "data_prep/shard_blip3o.py", "--src", out / "images" / part,
                 "--dst", f"s3://demo/shards/{part}/", "--shard-size", "32", "--no-progress"], env, log)
 
+        # the tiny InternVL3 stand-in: the recon encoder starts from its vision path (a fixed
+        # sin-cos position table, as a pretrained ViT has one) and the generator's LLM is its
+        from unilip_ds.data.sample_images import PHOTOS
+        from unilip_ds.models import tiny_assets as T
+        corpus = [c for _, c in PHOTOS] + ["flip the image horizontally", "turn the image upside down"]
+        internvl = T.save_tiny_internvl(out / "assets" / "internvl", corpus=corpus)
         common = ["model.flavor=tiny", "model.perceptual_pretrained=false", "data.num_workers=1",
                   "data.shuffle_buffer=64", "data.train.urls=[s3://demo/shards/train/]",
                   "data.eval.sources=[{name: train_view, urls: [s3://demo/shards/train_view/]}, "
@@ -261,7 +289,7 @@ def main() -> int:
         for stage, steps, extra in (
                 # stage 1: a high LR, the random tiny encoder being frozen; stage 2 fine-tunes
                 # everything at a lower LR and adds the GAN for its last quarter
-                ("recon_stage1", args.stage1_steps, ["optim.lr=1e-3"]),
+                ("recon_stage1", args.stage1_steps, ["optim.lr=1e-3", f"model.internvl_path={internvl}"]),
                 ("recon_stage2", args.stage2_steps, ["optim.lr=1e-4",
                                                      f"recon.gan_start_step={3 * args.stage2_steps // 4}"])):
             run_dir = out / "runs" / stage
@@ -279,7 +307,7 @@ def main() -> int:
         recon_dir = out / "reconstructions"
         sh([sys.executable, "-m", "unilip_ds.inference.reconstruct", "--ckpt", runs["recon_stage2"][1],
             "--images", out / "images" / "heldout", "--out", recon_dir], env, log)
-        gen = generator_demo(out, args, env, log, bin_dir, common, runs["recon_stage2"][1])
+        gen = generator_demo(out, args, env, log, bin_dir, common, runs["recon_stage2"][1], internvl)
 
     print("\n== demo finished ==")
     for stage, (run_dir, export_dir) in runs.items():
@@ -307,8 +335,8 @@ def main() -> int:
         print(f"gen_stage2 read its frozen outputs from caches ({', '.join(c for c, _ in CACHE.values())}): "
               f"latents for {100 * sum(r['data/cached_latents'] for r in rows) / len(rows):.0f}% of the "
               f"samples, prefix for {100 * sum(r['data/cached_prefix'] for r in rows) / len(rows):.0f}%")
-    print(f"edit, held-out photos: PSNR(edited, target) {gen['psnr_edit']:.2f} dB vs "
-          f"PSNR(input, target) {gen['psnr_copy']:.2f} dB (copying the input)")
+    print(f"edit, held-out photos: PSNR(edited, target) {gen['psnr_edit']:.2f} dB, PSNR(edited, input) "
+          f"{gen['psnr_edit_vs_input']:.2f} dB; PSNR(input, target) {gen['psnr_copy']:.2f} dB (copying the input)")
     print(f"generated | edited grid (rows: caption -> image; input | target | edited): {gen['grid']}")
     print(f"full log: {log}")
     return 0
