@@ -71,28 +71,33 @@ def latent_scale_for(model, images: torch.Tensor) -> float:
     return float(f"{s:.3g}")
 
 
-@torch.no_grad()
 def sample_latents(model, builder, task: str, texts: Sequence[Optional[str]], refs: Optional[torch.Tensor],
                    steps: int = 20, guidance: float = 1.0, flow_shift: float = 3.0, seed: int = 0,
                    ref_features: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sampled (scaled) latents, one per text, seed + i for row i; `ref_features` replaces
     the reference images' features (e.g. zeros)."""
-    from unilip_ds.inference.sampling import denoise, make_scheduler
-    b = len(texts)
-    feats = ref_features if ref_features is not None else (
-        model.image_features(refs) if refs is not None else None)
-    enc, mask = model.condition(model.prefix(builder(task, list(texts)), feats))
-    if guidance != 1.0:
-        enc_u, mask_u = model.condition(model.prefix(builder(task, [None] * b), feats))
-        t = max(enc.shape[1], enc_u.shape[1])
-        pad = torch.nn.functional.pad
-        enc = torch.cat([pad(enc_u, (0, 0, 0, t - enc_u.shape[1])), pad(enc, (0, 0, 0, t - enc.shape[1]))])
-        mask = torch.cat([pad(mask_u, (0, t - mask_u.shape[1]), value=False),
-                          pad(mask, (0, t - mask.shape[1]), value=False)])
-    side = model.resolution // (32 if model.target == "dcae" else 28)
-    gens = [torch.Generator().manual_seed(seed + i) for i in range(b)]
-    return denoise(model.velocity, enc, mask, (b, model.transformer.config.in_channels, side, side),
-                   steps=steps, guidance=guidance, scheduler=make_scheduler(flow_shift), generator=gens)
+    from unilip_ds.inference.sampling import sample_latents as project_sample_latents
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(texts))]
+    return project_sample_latents(model, builder, task, texts, refs, steps=steps, guidance=guidance,
+                                  flow_shift=flow_shift, generator=gens, ref_features=ref_features)
+
+
+def fit(model, x0: torch.Tensor, state, steps: int, lr: float, log=None):
+    """`steps` full-batch AdamW steps of GenModel's own flow loss on cached frozen outputs
+    (target latents `x0`, prompt prefix `state`); returns (losses, start time)."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    model.train()
+    t0, losses = time.time(), []
+    for step in range(steps):
+        loss = model(None, target=x0, prefix=state)["loss"].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if log and (step % 100 == 0 or step == steps - 1):
+            log(f"  step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+    model.eval()
+    return losses, t0
 
 
 def overfit(task, model, inputs: torch.Tensor, targets: torch.Tensor, steps: int, lr: float,
@@ -109,19 +114,7 @@ def overfit(task, model, inputs: torch.Tensor, targets: torch.Tensor, steps: int
         x0 = model.target_latent(targets).float()
         x_in = model.target_latent(inputs).float()
         state = model.prefix(prompts, model.image_features(inputs))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    model.train()
-    t0, losses = time.time(), []
-    for step in range(steps):
-        loss = model(None, target=x0, prefix=state)["loss"].mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if log and (step % 100 == 0 or step == steps - 1):
-            log(f"  step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
-    model.eval()
+    losses, t0 = fit(model, x0, state, steps, lr, log)
     texts = [instruction] * n
     z = sample_latents(model, builder, "edit", texts, inputs, steps=sample_steps, seed=seed)
     feats = model.image_features(inputs)
@@ -146,18 +139,7 @@ def overfit_t2i(task, model, captions: Sequence[str], targets: torch.Tensor, ste
     with torch.no_grad():
         x0 = model.target_latent(targets).float()
         state = model.prefix(builder("t2i", list(captions)))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    model.train()
-    t0, losses = time.time(), []
-    for step in range(steps):
-        loss = model(None, target=x0, prefix=state)["loss"].mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if log and (step % 100 == 0 or step == steps - 1):
-            log(f"  step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
-    model.eval()
+    losses, t0 = fit(model, x0, state, steps, lr, log)
     z = sample_latents(model, builder, "t2i", list(captions), None, steps=sample_steps, seed=seed)
     z0 = sample_latents(model, builder, "t2i", [None] * len(captions), None, steps=sample_steps, seed=seed)
     peak = float(x0.max() - x0.min())

@@ -36,9 +36,21 @@ def sample(model, builder, task: str, texts: Sequence[Optional[str]], ref_images
            num_images_per_prompt: int = 1, scheduler=None) -> torch.Tensor:
     """Images in [0, 1] (B x num_images_per_prompt, 3, R, R), prompt-major order. Unconditional
     rows use the null prompt (edit: it keeps the image); [uncond, cond] run in one forward."""
+    return model.decode(sample_latents(model, builder, task, texts, ref_images, steps, guidance, flow_shift,
+                                       generator, num_images_per_prompt, scheduler))
+
+
+@torch.no_grad()
+def sample_latents(model, builder, task: str, texts: Sequence[Optional[str]],
+                   ref_images: Optional[torch.Tensor] = None, steps: int = 20, guidance: float = 4.5,
+                   flow_shift: float = 3.0, generator: Generators = None, num_images_per_prompt: int = 1,
+                   scheduler=None, ref_features: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`sample` before decoding: the scaled latents. `ref_features` replaces the reference
+    images' features (e.g. zeros, to see what the model makes without the image)."""
     device = model.connector.projector.weight.device
     b = len(texts)
-    feats = model.image_features(ref_images.to(device)) if ref_images is not None else None
+    feats = ref_features if ref_features is not None else (
+        model.image_features(ref_images.to(device)) if ref_images is not None else None)
     enc, mask = model.condition(model.prefix(builder(task, list(texts)).to(device), feats))
     if guidance != 1.0:
         enc_u, mask_u = model.condition(model.prefix(builder(task, [None] * b).to(device), feats))
@@ -49,9 +61,8 @@ def sample(model, builder, task: str, texts: Sequence[Optional[str]], ref_images
     enc, mask = enc.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
     side = model.resolution // (32 if model.target == "dcae" else 28)
     shape = (b * n, model.transformer.config.in_channels, side, side)
-    latents = denoise(model.velocity, enc, mask, shape, steps=steps, guidance=guidance,
-                      scheduler=scheduler or make_scheduler(flow_shift), generator=generator)
-    return model.decode(latents)
+    return denoise(model.velocity, enc, mask, shape, steps=steps, guidance=guidance,
+                   scheduler=scheduler or make_scheduler(flow_shift), generator=generator)
 
 
 @torch.no_grad()
