@@ -27,6 +27,7 @@ removed, as the reference's GPT-Image-Edit conversion does. Such rows are counte
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
@@ -100,15 +101,29 @@ class PromptBuilder:
     def _ids(self, task: str, text: Optional[str]) -> List[int]:
         """One prefix, chat(content) + <img>: the template's special tokens by id, the text
         between them (with the user's text in its place) tokenised as text."""
-        content = NULL_PROMPTS[task] if text is None else TEMPLATES[task].format(_SLOT)
-        image = IMG_START + IMG_CONTEXT * self.num_image_tokens + IMG_END
         ids: List[int] = []
-        for part in _SPECIAL.split(chat(content.replace(IMAGE, image)) + IMG_START):
-            if part in self.ids:
-                ids.append(self.ids[part])
-            elif part:
+        for part in self._parts(task, text is None):
+            if isinstance(part, list):
+                ids += part
+            else:
                 ids += self._text_ids(part.replace(_SLOT, text or ""))
         return ids
+
+    @functools.lru_cache(maxsize=None)
+    def _parts(self, task: str, null: bool) -> tuple:
+        """The template split at its special tokens, once per (task, null): runs of special
+        token ids (lists) and the text between them (with the user's slot)."""
+        content = NULL_PROMPTS[task] if null else TEMPLATES[task].format(_SLOT)
+        image = IMG_START + IMG_CONTEXT * self.num_image_tokens + IMG_END
+        parts: list = []
+        for part in _SPECIAL.split(chat(content.replace(IMAGE, image)) + IMG_START):
+            if part in self.ids:
+                if not parts or not isinstance(parts[-1], list):
+                    parts.append([])
+                parts[-1].append(self.ids[part])
+            elif part:
+                parts.append(part)
+        return tuple(parts)
 
     @staticmethod
     def clean(task: str, text: Optional[str]) -> tuple:
