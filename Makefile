@@ -10,7 +10,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: venv demo test test-fast clean-venv
+.PHONY: venv demo test test-fast gpu-check clean-venv
 
 venv: $(VENV)/.installed
 
@@ -36,6 +36,14 @@ FAST_TESTS := test_config test_models test_gen_model test_flash_standin test_gen
 	test_data_decode test_data_stream test_storage test_weights
 test-fast: venv
 	$(PY) -m pytest -ra --durations=10 $(addprefix tests/,$(addsuffix .py,$(FAST_TESTS)))
+
+# every CUDA check in <= 8 minutes on one H100 / H200 (benchmarks/gpu_check.sh: installs flash-attn
+# when it does not import, printing the command first, then runs benchmarks/gpu_check.py); the
+# report: $(GPU_CHECK_OUT)/gpu_check.md and .json. GPU_CHECK_ARGS=--dry-run lists the plan (no GPU
+# needed), GPU_CHECK_ARGS="--only gen_step_sdpa" reruns one step.
+GPU_CHECK_OUT ?= gpu_check_out
+gpu-check: venv
+	bash benchmarks/gpu_check.sh --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
