@@ -299,9 +299,36 @@ def _did_you_mean(schema: Any, key: str) -> Optional[str]:
     return f"{section}.{near[0]}" if near and section else (near[0] if near else None)
 
 
+# feedback during a run (the gen presets' train.eval_every, `${feedback_every:}`): at least
+# FEEDBACK_PER_RUN held-out evaluations + sample grids per run, at most FEEDBACK_MAX_PERIOD
+# steps apart; a run longer than LONG_RUN_STEPS without either gets a warning at start
+FEEDBACK_PER_RUN = 20
+FEEDBACK_MAX_PERIOD = 1000
+LONG_RUN_STEPS = 2000
+
+
+def feedback_every(max_steps: int, has_eval: bool) -> int:
+    """min(1000, max_steps // 20) with held-out data, else 0 (and 0 for runs under 20 steps)."""
+    return min(FEEDBACK_MAX_PERIOD, max_steps // FEEDBACK_PER_RUN) if has_eval else 0
+
+
+def _feedback_every_resolver(*, _root_: Any) -> int:
+    data = _root_.data
+    return feedback_every(int(_root_.train.max_steps), bool(data.eval.urls or data.eval.sources))
+
+
+OmegaConf.register_resolver("feedback_every", _feedback_every_resolver, replace=True)
+
+
 def config_warnings(cfg: Config) -> List[str]:
     """Settings that are valid but probably not what the user meant."""
     out = []
+    t = cfg.train
+    if t.max_steps > LONG_RUN_STEPS and not t.eval_every and not t.sample_every:
+        out.append(f"train.max_steps={t.max_steps} with neither train.eval_every nor train.sample_every: no "
+                   "held-out loss and no sample grids until the run ends; give held-out shards "
+                   "(data.eval.urls=[...]) and train.eval_every=N (the gen presets set it themselves: "
+                   f"every min({FEEDBACK_MAX_PERIOD}, max_steps // {FEEDBACK_PER_RUN}) steps)")
     if cfg.optim.warmup_steps >= cfg.train.max_steps:
         out.append(f"optim.warmup_steps={cfg.optim.warmup_steps} >= train.max_steps={cfg.train.max_steps}: "
                    "the learning rate never leaves its warmup; lower optim.warmup_steps")

@@ -158,6 +158,12 @@ def list_shards(specs: List[str], cfg: Any = None) -> List[str]:
         urls = _expand_one(spec, cfg)
         if not urls:
             raise StorageError(f"shard spec {spec}: matches no *.tar shards")
+        other = [u for u in urls if not u.endswith(SHARD_SUFFIXES)]
+        if other:  # e.g. an image: the stream reads webdataset tars, nothing else
+            more = f" (and {len(other) - 1} more)" if len(other) > 1 else ""
+            raise StorageError(f"shard spec {spec}: {other[0]}{more} is not a .tar shard; name webdataset "
+                               "shards (data_prep/shard_blip3o.py or shard_edit.py writes them from images + "
+                               "captions), a folder of them or their manifest.json")
         out += urls
     return sorted(set(out))
 

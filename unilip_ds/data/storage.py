@@ -10,7 +10,8 @@ arrived) ends in one `StorageError` line naming the shard.
 On s3:// every failure is retried inside that bound, 404 included: a restarting gateway
 answers it for a moment before its filer is loaded. A request the server refuses (403:
 a signature mismatch, an unknown access key, an expired token, access denied) fails at
-once with one line: no retry changes credentials.
+once with one line: no retry changes credentials; so does a request botocore cannot sign
+because the environment holds no credentials (NoCredentialsError), naming the variables.
 A local path that does not exist or cannot be read fails at once too.
 
 s3fs filesystems are created lazily, one per (process, endpoint, region), and never
@@ -198,11 +199,31 @@ def s3_error_code(exc: BaseException) -> Optional[str]:
     return None
 
 
+# botocore's "no credentials to sign with": nothing to retry, the environment lacks them
+NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError")
+
+
+def no_credentials(exc: BaseException) -> bool:
+    """botocore found no (or incomplete) credentials; s3fs may wrap its exception."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if type(exc).__name__ in NO_CREDENTIALS:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+CREDENTIALS_HELP = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE naming a profile of "
+                    "~/.aws/credentials) in the environment of every process; the endpoint is data.s3_endpoint "
+                    "or AWS_ENDPOINT_URL_S3")
+
+
 def _permanent(url: str, exc: BaseException) -> bool:
     """I/O errors no retry can fix: a missing/unreadable local path, rejected S3
     credentials. Other S3 errors count as transient (see the module doc)."""
     if is_s3(url):
-        return s3_error_code(exc) in AUTH_ERRORS
+        return s3_error_code(exc) in AUTH_ERRORS or no_credentials(exc)
     return isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError))
 
 
@@ -226,6 +247,9 @@ class _Backoff:
         self.attempts += 1
         elapsed = time.monotonic() - self.start
         where = f" at byte {offset}" if offset else ""
+        if is_s3(self.url) and no_credentials(exc):
+            raise StorageError(f"{self.what} {self.url}: no S3 credentials found ({describe(exc)}); "
+                               f"{CREDENTIALS_HELP}") from exc
         if is_s3(self.url) and _permanent(self.url, exc):
             raise StorageError(
                 f"{self.what} {self.url}: the S3 server rejected the credentials "

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from unilip_ds.config import Config, ConfigError, to_dict
 from unilip_ds.engine import checkpoint
+from unilip_ds.writable import unwritable
 
 # changing these under an existing run dir would make its checkpoints meaningless
 INCOMPATIBLE_KEYS = ("run.task", "model.flavor", "data.resolution")
@@ -57,8 +58,12 @@ def move_aside(out: Path) -> Path:
 
 
 def check_output_dir(cfg: Config, rank: int) -> None:
-    """Before any process group: resume, move aside (rank 0) or refuse."""
+    """Before any process group: writable, then resume, move aside (rank 0) or refuse."""
     out = Path(cfg.run.output_dir)
+    why = unwritable(out)
+    if why:
+        raise ConfigError(f"config key 'run.output_dir': {out}: {why}; choose a directory you can write "
+                          "(run.output_dir=<dir>)")
     if not holds_run(out):
         return
     if cfg.run.overwrite and not restarted():

@@ -8,7 +8,9 @@ code stays single-device code.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
+import pickle
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional
 
@@ -54,9 +56,9 @@ def load_state_dict_into(module: nn.Module, state_dict: Mapping[str, torch.Tenso
     missing = sorted(set(targets) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(targets))
     if strict and (missing or unexpected):
-        raise WeightsMismatch(
-            f"{what}: {len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+        parts = [f"{len(names)} {kind} keys (e.g. {names[:3]})"
+                 for kind, names in (("missing", missing), ("unexpected", unexpected)) if names]
+        raise WeightsMismatch(f"{what}: {', '.join(parts)}")
     for name, src in state_dict.items():
         if name not in targets:
             continue
@@ -103,23 +105,89 @@ def weight_files(path: str | Path) -> Dict[str, Optional[List[str]]]:
         return dict(sorted(by_file.items()))
     files = {str(f): None for f in sorted(path.glob("*.safetensors"))}
     if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {path}")
+        bins = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+        raise FileNotFoundError(f"no *.safetensors weights in {path}" + (
+            f" (only {bins[0]}; the safetensors files of the published checkpoint are read)" if bins else ""))
     return files
 
 
-def check_weights_dir(path: str | Path, key: str, what: str) -> None:
-    """Start check of a weights directory the run will read: it holds safetensors weights
-    whose headers parse (an empty or wrong folder fails now, in one line naming the key, not
-    after the engines are built)."""
+# ---------------------------------------------------------------------------------------
+# start checks: the files a loader will read, checked by that loader reading headers only
+# ---------------------------------------------------------------------------------------
+_HEADERS_ONLY: contextvars.ContextVar = contextvars.ContextVar("headers_only", default=False)
+
+# safetensors header dtypes
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+@contextlib.contextmanager
+def headers_only():
+    """Inside this block `read_weights_dir` and `read_torch` (so every loader built on them)
+    return meta tensors of the shapes and dtypes the files declare and read no tensor data.
+    A loader run into a module built on the meta device then checks every file, key and
+    shape the real load will, in a fraction of a second (the start checks, `dry_load`)."""
+    token = _HEADERS_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _HEADERS_ONLY.reset(token)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def start_error(key: str, path, reason: str, expect: str):
+    from unilip_ds.config import ConfigError
+    where = "" if str(path) in reason else f"{path}: "
+    return ConfigError(f"config key '{key}': {where}{reason} (expected {expect})")
+
+
+def dry_load(key: str, path: str | Path, expect: str, load: Callable[[], None]) -> None:
+    """Start check of weights the run will read: `load` is the run's own loader called into a
+    module built on the meta device; it runs on the files' headers (`headers_only`), so a
+    missing file, key or component, a wrong shape or an unreadable header fails now, before
+    any process group, as one ConfigError line naming the key, the path and `expect` (what
+    belongs there), not minutes later after the engines are built."""
     from safetensors import SafetensorError
 
     from unilip_ds.config import ConfigError
     try:
-        if not weight_keys(path):
-            raise FileNotFoundError(f"no tensors in {path}")
-    except (OSError, ValueError, KeyError, SafetensorError) as exc:
-        raise ConfigError(f"config key '{key}': {what} {path} is unusable: "
-                          f"{(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+        with headers_only():
+            load()
+    except ConfigError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError, pickle.UnpicklingError) as exc:
+        raise start_error(key, path, _first_line(exc), expect) from None
+
+
+def check_config_json(path: str | Path, key: str, expect: str, field: str,
+                      accepted: Iterable[str]) -> dict:
+    """A save_pretrained directory's config.json: present, JSON, and `field` (transformers'
+    `model_type`, diffusers' `_class_name`) one of `accepted`; one ConfigError line if not."""
+    path = Path(path)
+    if not path.is_dir():
+        raise start_error(key, path, "not a directory", expect)
+    conf = path / "config.json"
+    if not conf.is_file():
+        raise start_error(key, path, "no config.json", expect)
+    try:
+        data = json.loads(conf.read_text())
+    except (ValueError, OSError) as exc:
+        raise start_error(key, path, f"config.json is not readable JSON ({_first_line(exc)})", expect) from None
+    if not isinstance(data, dict):
+        raise start_error(key, path, "config.json is not a JSON object", expect)
+    accepted = tuple(accepted)
+    if data.get(field) is None and not (data.get("model_type") or data.get("_class_name")):
+        raise start_error(key, path, f"config.json names no {field}", expect)
+    if data.get(field) not in accepted:
+        what = data.get(field) or data.get("model_type") or data.get("_class_name")
+        arch = data.get("architectures")
+        found = f"{what!r}" + (f" ({', '.join(arch)})" if isinstance(arch, list) and arch else "")
+        raise start_error(key, path, f"config.json describes {found}, not {' / '.join(accepted)}", expect)
+    return data
 
 
 def weight_keys(path: str | Path) -> List[str]:
@@ -141,14 +209,34 @@ def read_weights_dir(path: str | Path, keep: Optional[Callable[[str], bool]] = N
     ~0.6 GB). `backend` is safetensors': "mmap" maps the file (bytes are read when a tensor
     is used), "pread" reads each requested tensor with pread(2) at once."""
     sd: Dict[str, torch.Tensor] = {}
+    meta = _HEADERS_ONLY.get()
     for f, listed in weight_files(path).items():
         if listed is not None and keep is not None and not any(keep(k) for k in listed):
+            continue
+        if meta:
+            with safe_open(f, framework="pt") as h:
+                for k in h.keys():
+                    if keep is None or keep(k):
+                        t = h.get_slice(k)
+                        sd[k] = torch.empty(t.get_shape(), dtype=_DTYPES.get(t.get_dtype(), torch.float32),
+                                            device="meta")
             continue
         with safe_open(f, framework="pt", backend=backend) as h:
             for k in h.keys():
                 if keep is None or keep(k):
                     sd[k] = h.get_tensor(k)
     return sd
+
+
+def read_torch(path: str | Path) -> Dict[str, torch.Tensor]:
+    """A single weights file: safetensors, or a torch.save file (weights_only); under
+    `headers_only`, meta tensors (a torch.save file's pickle is read, its data is not)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return read_weights_dir(path)
+    if _HEADERS_ONLY.get():
+        return torch.load(str(path), map_location="meta", weights_only=True)
+    return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
 def write_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | Path,

@@ -263,6 +263,10 @@ class Options:
 
 
 def check_options(o: Options) -> None:
+    from unilip_ds.writable import unwritable
+    why = unwritable(o.out)
+    if why:  # before the weights are hashed and the pipeline loaded
+        raise BenchError(f"--out {o.out}: {why}; choose a directory you can write")
     if not (Path(o.ckpt) / "model_index.json").is_file():
         raise BenchError(f"--ckpt {o.ckpt} is not a gen export (no model_index.json)")
     for name in ("steps", "samples", "batch_size"):

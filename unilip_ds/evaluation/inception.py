@@ -203,11 +203,8 @@ def load_fid_inception(path: str | Path, dtype: torch.dtype = torch.float64,
     if not p.is_file():
         raise InceptionWeightsError(f"--inception: no such file {path}")
     try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            sd = load_file(str(p))
-        else:
-            sd = torch.load(str(p), map_location="cpu", weights_only=True)
+        from unilip_ds.engine.weights import read_torch
+        sd = read_torch(p)  # meta tensors under weights.headers_only (the start check)
     except Exception as exc:  # torch raises several types for a bad file
         raise InceptionWeightsError(f"--inception: cannot read {path}: {exc}") from None
     net = FIDInceptionV3()

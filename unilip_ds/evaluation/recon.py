@@ -123,6 +123,10 @@ def evaluate_export(ckpt: str, data: List[str], out: str, resolution: int = 256,
     from unilip_ds.models.unilip import reconstruct_any
     if resolution < 28:
         raise EvalError(f"--resolution: must be >= 28, got {resolution}")
+    from unilip_ds.writable import unwritable
+    why = unwritable(out)
+    if why:  # metrics.json is written at the end: find out now
+        raise EvalError(f"--out {out}: {why}; choose a directory you can write")
     if batch_size < 1:
         raise EvalError(f"--batch-size: must be >= 1, got {batch_size}")
     try:

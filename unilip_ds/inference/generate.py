@@ -46,7 +46,11 @@ def parser(doc: str, edit: bool) -> argparse.ArgumentParser:
 
 def _check(args, edit: bool) -> List[str]:
     """The prompts / instructions; a bad argument raises ValueError (one line)."""
+    from unilip_ds.writable import unwritable
     out = Path(args.out)
+    why = unwritable(out)
+    if why:
+        raise ValueError(f"--out {out}: {why}; choose a directory you can write")
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"--out {out} exists and is not empty; nothing was written")
     if not (Path(args.ckpt) / "model_index.json").is_file():

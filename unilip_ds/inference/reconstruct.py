@@ -101,6 +101,10 @@ def reconstruct(ckpt, images: List[str], out: str | Path, resolution: int = 0, b
     if resolution and resolution < 28:
         raise ReconstructError(f"--resolution: must be >= 28, got {resolution}")
     out = Path(out)
+    from unilip_ds.writable import unwritable
+    why = unwritable(out)
+    if why:
+        raise ReconstructError(f"--out {out}: {why}; choose a directory you can write")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ReconstructError(f"--out {out} exists and is not empty; nothing was written")
     model, cfg = load_autoencoder(ckpt)

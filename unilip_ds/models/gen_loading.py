@@ -42,7 +42,11 @@ def _need(path: Path, what: str, key: str) -> None:
 
 
 def check_paths(cfg) -> None:
-    """Every directory the run will read, before any process group exists."""
+    """Every directory the run will read, before any process group exists: present, the
+    expected model (config.json), and every file / key / shape the loaders below need (they
+    run into a meta-device model on the files' headers: weight_checks, weights.dry_load)."""
+    from unilip_ds.engine.weights import check_config_json, dry_load, start_error
+    from unilip_ds.models import weight_checks as W
     m, g = cfg.model, cfg.gen
     if m.init_from:
         root = Path(m.init_from)
@@ -59,6 +63,9 @@ def check_paths(cfg) -> None:
                               f"{root} holds no DC-AE")
         _check_export_flavor(root, m.flavor, "model.init_from")
         _check_export_pos_embed(root, cfg)
+        check_config_json(root / "mllm", "model.init_from", W.GEN_EXPORT, "model_type", ("internvl",))
+        model = W.on_meta(lambda: build_gen_model(cfg, 1.0))
+        dry_load("model.init_from", root, W.GEN_EXPORT, lambda: load_export(model, str(root), cfg))
         return
     paths = {"internvl_path": "InternVL3 -hf directory", "unilip_path": "recon export",
              "sana_path": "SANA diffusers directory"}
@@ -72,22 +79,42 @@ def check_paths(cfg) -> None:
                                   "(or model.init_from = a gen export)")
             continue
         _need(p, what, f"model.{key}")
-    from unilip_ds.engine.weights import check_weights_dir
-    if _path(cfg, "internvl_path"):
-        _need(_path(cfg, "internvl_path") / "config.json", "config.json of the InternVL3 directory",
-              "model.internvl_path")
-        check_weights_dir(_path(cfg, "internvl_path"), "model.internvl_path", "InternVL3 directory")
-    if _path(cfg, "unilip_path"):
-        u = _path(cfg, "unilip_path")
+    internvl, unilip, sana = _path(cfg, "internvl_path"), _path(cfg, "unilip_path"), _path(cfg, "sana_path")
+    if internvl:  # the MLLM's config comes from it (mllm_config): check it first
+        check_config_json(internvl, "model.internvl_path", W.expect_internvl(m.flavor), "model_type", ("internvl",))
+    if unilip:
         for name in ("vision", "adapter", "decoder"):
-            _need(u / name, f"component '{name}' of the recon export", "model.unilip_path")
-        _check_export_flavor(u, m.flavor, "model.unilip_path")
-    if _path(cfg, "sana_path"):
-        _need(_path(cfg, "sana_path") / "transformer", "transformer/ of the SANA directory",
-              "model.sana_path")
-        check_weights_dir(_path(cfg, "sana_path") / "transformer", "model.sana_path", "SANA transformer/")
-    if g.target == "dcae" and _path(cfg, "dcae_path"):
-        check_weights_dir(_path(cfg, "dcae_path"), "model.dcae_path", "DC-AE directory")
+            if not (unilip / name).is_dir():
+                gen = (unilip / "model_index.json").is_file()
+                raise start_error("model.unilip_path", unilip, f"no {name}/"
+                                  + ("; it is a gen export (give it as model.init_from)" if gen else ""),
+                                  W.RECON_EXPORT)
+        _check_export_flavor(unilip, m.flavor, "model.unilip_path")
+    if sana:
+        expect = W.expect_sana(m.flavor)
+        if not (sana / "transformer").is_dir():
+            inner = (sana / "config.json").is_file() and '"SanaTransformer2DModel"' in (sana / "config.json").read_text()
+            raise start_error("model.sana_path", sana, "no transformer/" + (
+                f"; this is the transformer folder itself: give its parent {sana.parent}" if inner else ""), expect)
+        check_config_json(sana / "transformer", "model.sana_path", expect, "_class_name", ("SanaTransformer2DModel",))
+    dcae = _path(cfg, "dcae_path") if g.target == "dcae" else None
+    if dcae:
+        check_config_json(dcae, "model.dcae_path", W.expect_dcae(m.flavor), "_class_name", ("AutoencoderDC",))
+    model = W.on_meta(lambda: build_gen_model(cfg, 1.0))
+    if internvl:  # its vision path is replaced by the recon export's
+        dry_load("model.internvl_path", internvl, W.expect_internvl(m.flavor),
+                 lambda: load_mllm(model.mllm, internvl, with_vision=unilip is None))
+    if unilip:
+        from unilip_ds.models.unilip import load_vision_into_internvl
+        dry_load("model.unilip_path", unilip, W.RECON_EXPORT, lambda: (
+            load_vision_into_internvl(model.mllm, unilip / "vision"),
+            load_component(model.adapter, unilip / "adapter"),
+            load_component(model.decoder, unilip / "decoder")))
+    if sana:
+        dry_load("model.sana_path", sana, W.expect_sana(m.flavor),
+                 lambda: load_component(model.transformer, sana / "transformer"))
+    if dcae:
+        dry_load("model.dcae_path", dcae, W.expect_dcae(m.flavor), lambda: load_component(model.dcae, dcae))
 
 
 def _check_export_flavor(root: Path, flavor: str, key: str) -> None:

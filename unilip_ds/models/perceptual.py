@@ -210,20 +210,28 @@ class PerceptualNets(nn.Module):
 
     def load_pretrained(self, vgg_path: str, lpips_path: str, convnext_path: str) -> None:
         """Published files: torchvision vgg16, lpips v0.1 vgg heads, torchvision convnext_small."""
-        vgg = _read_torch(vgg_path, "model.vgg_path")
-        load_state_dict_into(self.lpips.vgg, {k: v for k, v in vgg.items() if k.startswith("features.")},
-                             what=f"VGG16 {vgg_path}")
-        load_state_dict_into(self.lpips.heads, _read_torch(lpips_path, "model.lpips_path"),
-                             what=f"LPIPS heads {lpips_path}")
-        load_state_dict_into(self.convnext, _read_torch(convnext_path, "model.convnext_path"),
-                             what=f"ConvNeXt-S {convnext_path}")
+        for leaf, path in (("vgg_path", vgg_path), ("lpips_path", lpips_path), ("convnext_path", convnext_path)):
+            self.load_part(leaf, path)
+
+    def load_part(self, leaf: str, path: str) -> None:
+        """One published file, by its config key's leaf (model.vgg_path / lpips_path / convnext_path)."""
+        if leaf == "vgg_path":
+            vgg = _read_torch(path, "model.vgg_path")
+            load_state_dict_into(self.lpips.vgg, {k: v for k, v in vgg.items() if k.startswith("features.")},
+                                 what=f"VGG16 {path}")
+        elif leaf == "lpips_path":
+            load_state_dict_into(self.lpips.heads, _read_torch(path, "model.lpips_path"),
+                                 what=f"LPIPS heads {path}")
+        elif leaf == "convnext_path":
+            load_state_dict_into(self.convnext, _read_torch(path, "model.convnext_path"),
+                                 what=f"ConvNeXt-S {path}")
+        else:
+            raise KeyError(leaf)
 
 
 def _read_torch(path, what: str):
+    from unilip_ds.engine.weights import read_torch
     from unilip_ds.models.unilip import WeightsNotFound
     if not path or not Path(path).is_file():
         raise WeightsNotFound(f"{what}: no such file {path!r}")
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    return torch.load(str(path), map_location="cpu", weights_only=True)
+    return read_torch(path)

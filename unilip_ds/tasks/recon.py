@@ -203,6 +203,7 @@ class ReconTask(Task):
 
     def check_inputs(self) -> None:
         from unilip_ds.config import ConfigError, warn
+        from unilip_ds.models import weight_checks as W
         m = self.cfg.model
         if m.perceptual_pretrained:
             for key, what in PERCEPTUAL_FILES.items():
@@ -230,16 +231,25 @@ class ReconTask(Task):
                 raise ConfigError(f"config key 'model.init_from': {msg}")
             warn(f"model.init_from is not set: {msg}; this tiny run starts from random weights")
         check_start_weights(self.cfg)
-        if not m.init_from:  # what load_pretrained will read (the teacher is checked below)
-            from unilip_ds.engine.weights import check_weights_dir
-            for key, what in (("internvl_path", "InternVL3 checkpoint"), ("dcae_path", "DC-AE directory")):
-                if getattr(m, key):
-                    check_weights_dir(getattr(m, key), f"model.{key}", what)
+        # inside every file the run will read: its loader, run on the headers (weight_checks)
+        if m.init_from:
+            W.check_recon_export("model.init_from", m.init_from, m.flavor)
+        else:
+            if m.internvl_path:
+                W.check_internvl_vision("model.internvl_path", m.internvl_path, m.flavor)
+            if m.dcae_path:
+                W.check_dcae_decoder("model.dcae_path", m.dcae_path, m.flavor)
         if self.with_teacher:
-            check_teacher_path(self.cfg)
+            path = check_teacher_path(self.cfg)
+            W.check_teacher("recon.teacher_path" if self.cfg.recon.teacher_path else "model.internvl_path",
+                            path, m.flavor)
+        if m.perceptual_pretrained:
+            W.check_perceptual({k: getattr(m, k) for k in PERCEPTUAL_FILES}, m.flavor, PERCEPTUAL_FILES)
         ip = self.cfg.recon.inception_path
         if ip and not Path(ip).is_file():
             raise ConfigError(f"config key 'recon.inception_path': no such file {ip}")
+        if ip:
+            W.check_inception("recon.inception_path", ip)
 
     @property
     def with_teacher(self) -> bool:
