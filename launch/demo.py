@@ -74,6 +74,8 @@ def sh(cmd, env, log: Path, label: str = "") -> None:
                                 stderr=subprocess.STDOUT, text=True, errors="replace")
         for line in proc.stdout:
             f.write(line)
+            if line.startswith("note: DeepSpeed builds"):  # the first run's op build (launch/train.py)
+                print(f"  {line.strip()}", flush=True)
             if label:
                 progress(line, label, shown)
         proc.wait()
@@ -162,7 +164,7 @@ def generator_demo(out: Path, args, env, log: Path, bin_dir: Path, recon_common,
     from PIL import Image
 
     from unilip_ds.data.sample_images import PHOTOS
-    from unilip_ds.inference.sampling import grid
+    from unilip_ds.inference.sampling import EDIT_COLUMNS, grid
     from unilip_ds.models import tiny_assets as T
     print("generator: tiny SANA / DC-AE directories", flush=True)
     assets = out / "assets"
@@ -193,7 +195,7 @@ def generator_demo(out: Path, args, env, log: Path, bin_dir: Path, recon_common,
     init: list = []
     for stage, steps, extra in stages:
         run_dir, export_dir = out / "runs" / stage, out / "exports" / stage
-        if stage == "gen_stage2":  # the frozen parts' outputs, computed once (issue 8)
+        if stage == "gen_stage2":  # the frozen parts' outputs, computed once (caches)
             for task, src in (("t2i", t2i["train"]), ("edit", edit["train"])):
                 dst, level = CACHE[task]
                 sh([sys.executable, "data_prep/cache_features.py", "--config", stage, "--task", task,
@@ -227,11 +229,19 @@ def generator_demo(out: Path, args, env, log: Path, bin_dir: Path, recon_common,
         p_edit.append(psnr(edited, target))
         p_copy.append(psnr(inp, target))
         p_in.append(psnr(edited, inp))
-        rows.append([inp, target, edited])
+        rows.append([inp, edited, target])  # EDIT_COLUMNS: input | edited | target
     generated = [Image.open(gen_dir / f"{i:03d}_0.png").convert("RGB") for i in range(len(held))]
-    rows.append(generated)
-    path = out / "generated_and_edited.png"
-    grid(rows).save(path)
+    # one PNG: the edits (header input | edited | target, each row labelled with its
+    # instruction and photo), then the images generated from the held-out captions (each
+    # column headed by its caption)
+    edits = grid(rows, columns=EDIT_COLUMNS,
+                 labels=[f"edit: {r['instruction']} ({Path(r['input']).stem})" for r in records])
+    gens = grid([generated], columns=[c for _, c in held], labels=["generated from the caption above each image"])
+    both = Image.new("RGB", (max(edits.width, gens.width), edits.height + gens.height), "white")
+    both.paste(edits, (0, 0))
+    both.paste(gens, (0, edits.height))
+    path = out / "edited_and_generated.png"
+    both.save(path)
     result = {"psnr_edit": sum(p_edit) / len(p_edit), "psnr_edit_vs_input": sum(p_in) / len(p_in),
               "psnr_copy": sum(p_copy) / len(p_copy), "latent_scale": scale, "grid": str(path),
               "edits": [{**r, "psnr_edit": a, "psnr_edit_vs_input": c, "psnr_copy": b}
@@ -337,7 +347,8 @@ def main() -> int:
               f"samples, prefix for {100 * sum(r['data/cached_prefix'] for r in rows) / len(rows):.0f}%")
     print(f"edit, held-out photos: PSNR(edited, target) {gen['psnr_edit']:.2f} dB, PSNR(edited, input) "
           f"{gen['psnr_edit_vs_input']:.2f} dB; PSNR(input, target) {gen['psnr_copy']:.2f} dB (copying the input)")
-    print(f"generated | edited grid (rows: caption -> image; input | target | edited): {gen['grid']}")
+    print(f"edited and generated images (edit rows: input | edited | target, labelled with the instruction; "
+          f"last row: generated from the held-out captions, each headed by its caption): {gen['grid']}")
     print(f"full log: {log}")
     return 0
 

@@ -5,6 +5,10 @@
     deepspeed --num_gpus 8 launch/train.py --config gen_stage2 --ds_config ds_configs/zero3.json
     python launch/train.py --config recon_stage2 --dry-run [--json] [--world-size 64]
     python launch/train.py --config recon_stage1 --print-config
+
+DeepSpeed builds its CPU communication op the first time it runs on CPU (about 3 minutes on
+2 cores; one line says so before it starts) into TORCH_EXTENSIONS_DIR, by default
+<repo>/.cache/torch_extensions under every launcher; later runs load it from there.
 """
 
 from __future__ import annotations
@@ -15,7 +19,11 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+# DeepSpeed's JIT-built ops go to the project's cache under every launcher (torchrun, the
+# deepspeed launcher, plain python), as slurm/launch.sh and launch/demo.py set it
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 
 from unilip_ds.config import check_repeated, load_config, to_yaml  # noqa: E402
 
@@ -58,6 +66,7 @@ def main(argv=None) -> int:
             return 0
         from unilip_ds.trainer import Trainer, prepare
         ds_raw = prepare(cfg, cfg.deepspeed.config)
+        announce_op_build()
         Trainer(cfg, ds_raw).train()
     except user_errors() as exc:  # bad config / data / checkpoint / weights: one line
         if int(os.environ.get("RANK", "0")) == 0:
@@ -68,6 +77,25 @@ def main(argv=None) -> int:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         os._exit(3)  # a broken process group may hang a normal interpreter exit
     return 0
+
+
+def announce_op_build() -> None:
+    """One line (local rank 0) before DeepSpeed JIT-builds its CPU communication op, which it
+    does the first time it runs on CPU and takes minutes; the build is cached in
+    TORCH_EXTENSIONS_DIR and later runs load it."""
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        return
+    accel = os.environ.get("DS_ACCELERATOR")
+    if accel is None:
+        import torch
+        accel = "cuda" if torch.cuda.is_available() else "cpu"
+    if accel != "cpu":
+        return
+    cache = Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    if any(cache.glob("**/deepspeed_shm_comm*.so")):
+        return
+    print(f"note: DeepSpeed builds its CPU communication op once (about 3 minutes on 2 cores) into {cache}; "
+          "later runs load it from there", flush=True)
 
 
 def print_mix(cfg) -> None:

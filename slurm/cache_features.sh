@@ -4,6 +4,7 @@
 #   sbatch slurm/cache_features.sh gen_stage2 --task t2i --src 's3://b/blip3o/' --dst s3://b/cache/blip3o \
 #       --what latents model.init_from=<gen_stage1 export>
 # A re-submission resumes: finished shards are verified and skipped.
+# Without GPUs: sbatch --gpus-per-node=0, and NPROC_PER_NODE=<processes per node> in the environment.
 #SBATCH --job-name=cache_features
 #SBATCH --nodes=1 --ntasks-per-node=1 --gpus-per-node=8 --exclusive
 #SBATCH --time=24:00:00

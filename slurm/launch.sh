@@ -18,6 +18,8 @@
 #   UNILIP_PYTHON    interpreter with torch + unilip_ds (default: $UNILIP_ROOT/.venv/bin/python
 #                    if present, else python3)
 #   NPROC_PER_NODE   training processes per node; default: GPUs on the node, 1 without GPUs
+#                    (a cluster without GPUs: sbatch --gpus-per-node=0 overrides the templates'
+#                    --gpus-per-node=8, which such a cluster refuses as an invalid gres request)
 #   MASTER_PORT      rendezvous port (default: 20000 + a hash of job id and restart count)
 #   OMP_NUM_THREADS  default: CPUs on the node / processes per node
 #   UNILIP_ENTRY     the script torchrun starts (default launch/train.py; the cache template

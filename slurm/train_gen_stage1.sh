@@ -5,6 +5,8 @@
 # model.dcae_path and the T2I shards data.train.urls.
 #   sbatch slurm/train_gen_stage1.sh [launch/train.py options] [key=value overrides]
 # Submit from the repository root; site options (--partition, --account) go on the sbatch line.
+# Without GPUs (a CPU cluster or slurm/test_cluster.sh): sbatch --gpus-per-node=0 [--nodes=1], and
+# NPROC_PER_NODE=<training processes per node> in the environment (default 1 without GPUs).
 #SBATCH --job-name=gen_stage1
 #SBATCH --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 --exclusive
 #SBATCH --time=48:00:00

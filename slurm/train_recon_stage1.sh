@@ -3,6 +3,8 @@
 # Needs model.internvl_path, model.dcae_path, the perceptual weights and data.train.urls.
 #   sbatch slurm/train_recon_stage1.sh [launch/train.py options] [key=value overrides]
 # Submit from the repository root; site options (--partition, --account) go on the sbatch line.
+# Without GPUs (a CPU cluster or slurm/test_cluster.sh): sbatch --gpus-per-node=0 [--nodes=1], and
+# NPROC_PER_NODE=<training processes per node> in the environment (default 1 without GPUs).
 #SBATCH --job-name=recon_stage1
 #SBATCH --nodes=1 --ntasks-per-node=1 --gpus-per-node=8 --exclusive
 #SBATCH --time=48:00:00

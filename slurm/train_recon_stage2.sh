@@ -4,6 +4,8 @@
 # (the original encoder): model.internvl_path=<InternVL3-hf> or recon.teacher_path=<that export>.
 #   sbatch slurm/train_recon_stage2.sh [launch/train.py options] [key=value overrides]
 # Submit from the repository root; site options (--partition, --account) go on the sbatch line.
+# Without GPUs (a CPU cluster or slurm/test_cluster.sh): sbatch --gpus-per-node=0 [--nodes=1], and
+# NPROC_PER_NODE=<training processes per node> in the environment (default 1 without GPUs).
 #SBATCH --job-name=recon_stage2
 #SBATCH --nodes=1 --ntasks-per-node=1 --gpus-per-node=8 --exclusive
 #SBATCH --time=48:00:00

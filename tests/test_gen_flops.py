@@ -95,3 +95,23 @@ def test_run_counter_per_task_and_cache_shares():
     assert s.for_window({"t2i": 3, "edit": 1})[0] == pytest.approx((3 * t2i + edit) / 4)
     half = s.for_window({"edit": 2}, {"data/cached_latents": 0.5, "data/cached_prefix": 0.25})[0]
     assert half == pytest.approx(edit - 0.5 * (c["target_enc"] + c["ref_enc"]) - 0.25 * c["llm_prefix"])
+
+
+def test_stage_time_estimate_cli(capsys):
+    """`python -m unilip_ds.flops`: the stage's FLOPs per sample (the run's own counter) and
+    the estimate steps x global batch x FLOPs / (devices x peak x MFU), per task and mixed."""
+    from unilip_ds.config import load_config
+    from unilip_ds.flops import main, stage_flops
+    over = ["model.flavor=tiny", "data.resolution=224", "train.max_steps=1000", "train.micro_batch_size=4"]
+    assert main(["--config", "gen_stage2", "--gpus", "2", "--mfu", "0.5", "--peak-tflops", "100",
+                 "--edit-share", "0.25", *over]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("gen_stage2 (flavor tiny): 1000 steps x global batch 8 (2 devices x micro-batch 4")
+    per = stage_flops(load_config("gen_stage2", over, world_size=2)).per_sample
+    hours = {t: f * 8000 / (2 * 100e12 * 0.5) / 3600 for t, f in per.items()}
+    hours["mix (25% edit)"] = 0.75 * hours["t2i"] + 0.25 * hours["edit"]
+    est = [ln for ln in out if ln.startswith("estimate on 2 devices at 100 TFLOPS peak x MFU 0.5")]
+    assert [ln.split(", ")[-1].split(":")[0] for ln in est] == list(hours)
+    for ln, h in zip(est, hours.values()):
+        assert float(ln.rsplit(": ", 1)[1].split(" h")[0]) == pytest.approx(h, rel=2e-3)
+    assert main(["--config", "no_such_stage"]) == 2

@@ -118,8 +118,10 @@ def test_stage3_continues_from_stage2_and_writes_sample_grids(chain):
     grids = sorted(p.name for p in (runs["gen_stage3"] / "samples").iterdir())
     assert grids == ["step0000002_edit.png", "step0000002_t2i.png"]
     t2i = Image.open(runs["gen_stage3"] / "samples" / grids[1])
-    assert t2i.size == (224 * 4, 224)  # the four default gen.sample_prompts
-    assert Image.open(runs["gen_stage3"] / "samples" / grids[0]).size == (224 * 3, 224 * 2)  # input|edited|target
+    from unilip_ds.inference.sampling import LABEL_H
+    assert t2i.size == (224 * 4, LABEL_H + 224)  # the four default gen.sample_prompts, headed by each
+    # header input | edited | target, then 2 rows each under its instruction
+    assert Image.open(runs["gen_stage3"] / "samples" / grids[0]).size == (224 * 3, LABEL_H + 2 * (LABEL_H + 224))
     meta = checkpoint.read_meta(runs["gen_stage3"], checkpoint.latest_tag(runs["gen_stage3"]))
     assert meta["config"]["model"]["init_from"] == str(exports["gen_stage2"])
     assert not _same(_component(exports["gen_stage3"], "transformer"), _component(exports["gen_stage2"], "transformer"))

@@ -67,7 +67,8 @@ def test_reconstruct_files_and_shards(export, inputs, tmp_path, capsys):
     assert summary["resolution"] == 56
     assert summary["mean"]["psnr"] == pytest.approx(np.mean([r["psnr"] for r in summary["images"]]), abs=1e-3)
     grid = Image.open(tmp_path / "out" / "grid.png")
-    assert grid.size == (2 * 56, 4 * 56)  # original | reconstruction, one row per image
+    from unilip_ds.inference.sampling import LABEL_H  # header band, a label band above each row
+    assert grid.size == (2 * 56, LABEL_H + 4 * (LABEL_H + 56))  # original | reconstruction, one row per image
     rec = np.asarray(Image.open(tmp_path / "out" / "astronaut.recon.png"), dtype=np.float32) / 255
     # the PNG is what the exported weights produce (the export was loaded, not a fresh init)
     from unilip_ds.inference.reconstruct import to_tensor

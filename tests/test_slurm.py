@@ -5,7 +5,10 @@ makes the trainers checkpoint and exit, the job requeues itself and the next run
 max_steps; the generator's stage 2 template trains T2I + edit from a gen_stage1 export,
 checkpoints, and its run exports as a UniLIPPipeline. The cluster fixture skips only where
 Slurm is not installed or cannot start. The gen templates ask for 2 nodes (the reference's
-global batch); on the one-node test cluster `--nodes=1` on the sbatch line overrides that."""
+global batch); on the one-node test cluster `--nodes=1` on the sbatch line overrides that, and
+`--gpus-per-node=0` the templates' 8 GPUs (a cluster without GPUs refuses those). The README's
+test-cluster lines (slurm/test_cluster.sh, a CPU submission, squeue, the job's log) run as
+written; launch/train.py's DeepSpeed extension cache and its note before the op build."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -191,6 +195,92 @@ def metrics(out: Path) -> List[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def readme_block(first: str, last: str) -> List[str]:
+    """The README's indented command lines from the one starting with `first` to the one
+    starting with `last`, continuation lines joined."""
+    lines = [ln[4:] for ln in (REPO / "README.md").read_text().splitlines() if ln.startswith("    ")]
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(first))
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith(last))
+    out: List[str] = []
+    for ln in lines[start:end + 1]:
+        if out and out[-1].endswith("\\"):
+            out[-1] = out[-1][:-1] + ln.strip()
+        else:
+            out.append(ln)
+    return out
+
+
+def test_readme_test_cluster_commands_run_as_written(tmp_path):
+    """The README's one-node test cluster (slurm/test_cluster.sh) and its CPU submission
+    (sbatch --gpus-per-node=0 --nodes=1, NPROC_PER_NODE=2), squeue and the job's log, as
+    written; `tail -f` becomes waiting for the job's end, the folder a temporary one. Runs
+    before the module's own cluster starts (a second one would share the node's CPUs)."""
+    if os.geteuid() != 0:
+        _skip("slurmd must run as root to start jobs")
+    if not all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch")):
+        _skip("Slurm's Debian packages are not installed (as root: bash slurm/install_test_cluster.sh)")
+    block = readme_block("bash slurm/install_test_cluster.sh", "bash slurm/test_cluster.sh stop")
+    assert block[0].startswith("bash slurm/install_test_cluster.sh")  # installing is the fixture's job
+    folder = tmp_path / "cluster"
+    script = []
+    for line in block[1:]:
+        line = line.replace("/tmp/unilip_slurm", str(folder))
+        if line.startswith("tail -f "):
+            log = line.split()[2]
+            line = (f"echo job=$job; until [[ -z $(squeue -h -j $job) ]]; do sleep 1; done; tail -n 40 {log}; "
+                    "scontrol show job -o $job")
+        script.append(line)
+    assert any(ln.startswith("job=$(NPROC_PER_NODE=2 sbatch --parsable --gpus-per-node=0 --nodes=1 ")
+               for ln in script)
+    e = {k: v for k, v in env().items() if k != "SLURM_CONF"}
+    logs = set((SLURM / "logs").glob("*.out"))
+    try:
+        proc = subprocess.run(["bash", "-c", "\n".join(script)], cwd=REPO, env=e, capture_output=True,
+                              text=True, timeout=300)
+    finally:
+        subprocess.run(["bash", str(SLURM / "test_cluster.sh"), "stop", str(folder)], capture_output=True)
+        made = set((SLURM / "logs").glob("*.out")) - logs
+        for f in made:  # the job's log, which the README's template writes under the repository
+            f.unlink()
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    job = re.search(r"^job=(\d+)$", proc.stdout, re.M).group(1)
+    assert len(made) == 1 and next(iter(made)).name == f"recon_stage1-{job}.out", made
+    assert re.search(rf"^\s+{job}\s+debug\s+recon_st", proc.stdout, re.M), out  # squeue's row
+    assert "node 0/1: 2 processes (0 GPUs" in out and "training exited with 0" in out
+    assert "JobState=COMPLETED" in out and "ExitCode=0:0" in out
+    assert checkpoint.latest_tag(folder / "run") == "step_00000010"
+    assert "stopped the cluster" in out and not (folder / "slurmctld.pid").exists()
+
+
+def test_train_py_uses_the_project_extension_cache_and_announces_the_op_build(tmp_path):
+    """launch/train.py (under every launcher) puts DeepSpeed's JIT builds in
+    <repo>/.cache/torch_extensions unless TORCH_EXTENSIONS_DIR is set, and says so in one line
+    before the first, minutes-long build of the CPU communication op (not when it is cached)."""
+    code = ("import os, runpy; ns = runpy.run_path('launch/train.py'); "
+            "print(os.environ['TORCH_EXTENSIONS_DIR']); ns['announce_op_build']()")
+    e = {k: v for k, v in env({"DS_ACCELERATOR": "cpu"}).items() if k != "TORCH_EXTENSIONS_DIR"}
+    default = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=e, capture_output=True, text=True,
+                             timeout=120)
+    assert default.returncode == 0, default.stderr
+    assert default.stdout.splitlines()[0] == str(REPO / ".cache" / "torch_extensions")
+    empty = tmp_path / "ext"
+    fresh = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**e, "TORCH_EXTENSIONS_DIR": str(empty)},
+                           capture_output=True, text=True, timeout=120)
+    assert fresh.returncode == 0, fresh.stderr
+    assert fresh.stdout.splitlines() == [
+        str(empty), f"note: DeepSpeed builds its CPU communication op once (about 3 minutes on 2 cores) "
+                    f"into {empty}; later runs load it from there"]
+    (empty / "deepspeed_shm_comm").mkdir(parents=True)
+    (empty / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
+    cached = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**e, "TORCH_EXTENSIONS_DIR": str(empty)},
+                            capture_output=True, text=True, timeout=120)
+    assert cached.stdout.splitlines() == [str(empty)], cached.stderr
+    on_gpu = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**e, "TORCH_EXTENSIONS_DIR": str(tmp_path / "none"), "DS_ACCELERATOR": "cuda"})
+    assert on_gpu.stdout.splitlines() == [str(tmp_path / "none")], on_gpu.stderr
+
+
 def test_template_runs_a_stage_to_completion(cluster, shards, tmp_path):
     out, log = tmp_path / "run", tmp_path / "job.out"
     job = cluster.sbatch(SLURM / "train_recon_stage1.sh", [*CPU_OPTIONS, f"--output={log}"],
@@ -270,6 +360,7 @@ def test_every_template_names_a_stage_and_the_shared_launcher(template):
     nodes = 2 if launch[0].startswith("gen_") else 1
     assert f"--nodes={nodes} " in directives and "--gpus-per-node=8" in directives
     assert f"{nodes} node" in text.split("#SBATCH")[0], "the header comment states the node count"
+    assert "--gpus-per-node=0" in text.split("#SBATCH")[0], "the header says how to run without GPUs"
     assert os.access(template, os.X_OK)
 
 

@@ -83,8 +83,10 @@ def test_console_tensorboard_grids_and_plots(sample_shards, tmp_path, capsys):
     for step in (2, 4):
         for source in ("train_view", "heldout"):
             grid = Image.open(out / "samples" / f"step{step:07d}_recon_{source}.png")
-            assert grid.size == (2 * 224, 2 * 224)
-            top, bottom = grid.crop((0, 0, 448, 224)), grid.crop((0, 224, 448, 448))
+            from unilip_ds.inference.sampling import LABEL_H  # a label band above each row
+            assert grid.size == (2 * 224, 2 * (LABEL_H + 224))
+            top = grid.crop((0, LABEL_H, 448, LABEL_H + 224))
+            bottom = grid.crop((0, 2 * LABEL_H + 224, 448, 2 * (LABEL_H + 224)))
             assert top.tobytes() != bottom.tobytes()
 
     # TensorBoard: the same scalars and the grids
@@ -111,6 +113,10 @@ def test_console_tensorboard_grids_and_plots(sample_shards, tmp_path, capsys):
                                                     "memory", "data", "eval", "overview")] + ["summary.txt"])
     text = (out / "plots" / "summary.txt").read_text()
     assert text.startswith("session 1 (ended at step 4):\n  run summary: 4 steps in ")
+    # eval.png plots the metrics, not the image counts (eval/images, eval/<source>/images)
+    from unilip_ds.plot import GROUPS
+    assert not any(GROUPS["eval"](k) for k in last_eval if k.endswith("/images"))
+    assert GROUPS["eval"]("eval/heldout/psnr") and GROUPS["eval"]("eval/psnr")
     for p in (p for p in printed if p.endswith(".png")):
         im = Image.open(p)
         assert im.format == "PNG" and im.size[0] > 300

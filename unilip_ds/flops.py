@@ -1,5 +1,8 @@
 """FLOPs of one training step per sample, counted once at the start of a run (MFU in every
-logged step, tracking.HardwareMeter) and by benchmarks/gen_flops.py.
+logged step, tracking.HardwareMeter) and by benchmarks/gen_flops.py. From the command line,
+a stage's count and the time its steps would take at an assumed MFU (an estimate):
+
+    python -m unilip_ds.flops --config gen_stage2 [--gpus 16] [--mfu 0.4] [--peak-tflops 989] [--edit-share 0.33]
 
 How: torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions, attention; forward and
 backward) around the model's own methods, on the META device: the model is built from the
@@ -274,3 +277,66 @@ def stage_flops(cfg) -> StageFlops:
         raise ValueError(f"no FLOP counter for task '{cfg.run.task}'")
     with torch.random.fork_rng(devices=[]):
         return counters[cfg.run.task](cfg)
+
+
+# -- command line: FLOPs per sample and a compute-time estimate for a stage ------------------
+TEMPLATE_GPUS = {"recon": 8, "gen": 16}  # the slurm templates' default allocations
+
+
+def estimate_seconds(flops_per_sample: float, samples: float, gpus: int, peak_tflops: float, mfu: float) -> float:
+    """Seconds to compute `samples` training samples on `gpus` devices running at `mfu` of
+    `peak_tflops`: an estimate (compute only), not a measurement."""
+    return flops_per_sample * samples / (gpus * peak_tflops * 1e12 * mfu)
+
+
+def main(argv=None) -> int:
+    """python -m unilip_ds.flops --config STAGE [--gpus N] [--mfu 0.4] [--peak-tflops 989]
+    [--edit-share S] [key=value ...]: the stage's FLOPs per training sample (the counter every
+    run uses for its MFU, on the meta device: no weights, no data) and the time its
+    train.max_steps x global batch would take at the assumed MFU."""
+    import argparse
+    import sys
+
+    from unilip_ds.config import ConfigError, check_repeated, load_config
+    ap = argparse.ArgumentParser(prog="python -m unilip_ds.flops", description=main.__doc__)
+    ap.add_argument("--config", required=True, help="stage preset name or yaml path")
+    ap.add_argument("--gpus", type=int, default=None,
+                    help="devices (default: the slurm template's, 8 for recon, 16 for gen)")
+    ap.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (0.4)")
+    ap.add_argument("--peak-tflops", type=float, default=989.0,
+                    help="dense peak per device (989: H100 SXM bf16, as tracking.PEAK_TFLOPS)")
+    ap.add_argument("--edit-share", type=float, default=None,
+                    help="gen with T2I and edit data: the edit share of the samples, for a mixed estimate")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    args = ap.parse_intermixed_args(argv)
+    logging.disable(logging.WARNING)  # transformers / diffusers chatter on the meta build
+    try:
+        check_repeated(args.overrides)
+        probe = load_config(args.config, args.overrides, world_size=1)
+        gpus = args.gpus or TEMPLATE_GPUS.get(probe.run.task, 8)
+        cfg = load_config(args.config, args.overrides, world_size=gpus)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    f = stage_flops(cfg)
+    batch = cfg.train.micro_batch_size * cfg.train.grad_accum * gpus
+    samples = cfg.train.max_steps * batch
+    print(f"{cfg.run.name} (flavor {cfg.model.flavor}): {cfg.train.max_steps} steps x global batch {batch} "
+          f"({gpus} devices x micro-batch {cfg.train.micro_batch_size} x accumulation {cfg.train.grad_accum}) "
+          f"= {samples / 1e6:.4g} M samples")
+    for line in f.lines():
+        print(line)
+    what = (f"estimate on {gpus} devices at {args.peak_tflops:g} TFLOPS peak x MFU {args.mfu:g} "
+            "(assumed, not measured; compute only)")
+    per_task = dict(f.per_sample)
+    if args.edit_share is not None and {"t2i", "edit"} <= set(per_task):
+        s = args.edit_share
+        per_task[f"mix ({100 * s:.0f}% edit)"] = (1 - s) * per_task["t2i"] + s * per_task["edit"]
+    for task, fl in per_task.items():
+        sec = estimate_seconds(fl, samples, gpus, args.peak_tflops, args.mfu)
+        print(f"{what}, {task}: {sec / 3600:.3g} h ({fl * samples:.3g} FLOPs)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

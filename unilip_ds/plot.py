@@ -5,7 +5,8 @@
 writes into <run>/plots/ (or --out): losses.png (every loss term), lr.png, grad_norm.png,
 throughput.png (samples/s, tokens/s, step time), hardware.png (MFU, achieved TFLOPS per
 device), memory.png (peak device memory allocated / reserved, or RSS on CPU), data.png
-(data-wait fraction and the data layer's counters), eval.png (every eval metric) and
+(data-wait fraction and the data layer's counters), eval.png (every eval metric; not the
+image counts eval/images, eval/<source>/images) and
 overview.png (the total loss beside the main eval metric: PSNR for recon, the held-out flow
 loss for gen). A group with no values in the file is left out. A resumed run's records are
 merged by step (the last value wins). The run summaries (<run>/run_summary.jsonl, one per
@@ -32,8 +33,14 @@ GROUPS = {
     "hardware": lambda k: k in ("mfu", "tflops_per_device"),
     "memory": lambda k: k.startswith("mem/"),
     "data": lambda k: k == "data_wait_frac" or k.startswith("data/"),
-    "eval": lambda k: k.startswith("eval/") and k != "eval/images",
+    "eval": lambda k: k.startswith("eval/") and not is_count(k),
 }
+# eval keys that count what was evaluated (eval/images, eval/<source>/images), not metrics
+COUNT_KEYS = ("images",)
+
+
+def is_count(key: str) -> bool:
+    return key.rsplit("/", 1)[-1] in COUNT_KEYS
 # overview: the first key present of each list
 OVERVIEW = (("loss/total", "loss/flow"), ("eval/psnr", "eval/flow"))
 

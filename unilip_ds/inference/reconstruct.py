@@ -7,9 +7,9 @@ The export dir holds `config.yaml` (the resolved run config) and one sub-dir per
 (vision / adapter / decoder). Images are resized (shorter side) and centre-cropped to
 --resolution (default: the run's data.resolution); any size works: multiples of 28 go the
 training path, others (e.g. 256) the reference's reflect-pad path (`unilip.reconstruct_padded`).
-Writes into --out (new or empty) one PNG per reconstruction and `grid.png` (original |
-reconstruction per row); prints per-image and mean PSNR / SSIM (data range 1, on the
-uint8-rounded reconstruction) as JSON.
+Writes into --out (new or empty) one PNG per reconstruction and `grid.png` (columns
+original | reconstruction, one row per image labelled with its name and PSNR); prints
+per-image and mean PSNR / SSIM (data range 1, on the uint8-rounded reconstruction) as JSON.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def reconstruct(ckpt, images: List[str], out: str | Path, resolution: int = 0, b
     if not named:
         raise ReconstructError(f"--images: no images ({', '.join(IMAGE_EXTS)}) in {' '.join(images)}")
     out.mkdir(parents=True, exist_ok=True)  # only once there is something to write
-    rows, results = [], []
+    rows, labels, results = [], [], []
     with torch.no_grad():
         for i in range(0, len(named), batch_size):
             chunk = named[i:i + batch_size]
@@ -122,9 +122,11 @@ def reconstruct(ckpt, images: List[str], out: str | Path, resolution: int = 0, b
             for (name, orig), rec, p, s in zip(chunk, y, psnr(y, x), ssim(y, x)):
                 stem = name.replace("/", "__").rsplit(".", 1)[0]
                 to_image(rec).save(out / f"{stem}.recon.png")
-                rows.append(torch.cat([orig, rec], dim=2))
+                rows.append([to_image(orig), to_image(rec)])
+                labels.append(f"{name}: {p.item():.2f} dB")
                 results.append({"name": name, "psnr": round(p.item(), 4), "ssim": round(s.item(), 4)})
-    to_image(torch.cat(rows, dim=1)).save(out / "grid.png")
+    from unilip_ds.inference.sampling import grid
+    grid(rows, columns=["original", "reconstruction"], labels=labels).save(out / "grid.png")
     summary = {"images": results,
                "mean": {"psnr": round(float(np.mean([r["psnr"] for r in results])), 4),
                         "ssim": round(float(np.mean([r["ssim"] for r in results])), 4)},

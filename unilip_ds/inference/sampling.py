@@ -89,19 +89,49 @@ def to_pil(images: torch.Tensor) -> List[Image.Image]:
     return [Image.fromarray(a) for a in arr]
 
 
-def grid(rows: List[List[Image.Image]]) -> Image.Image:
-    """Images pasted row by row (all the same size)."""
+LABEL_H = 14  # height in pixels of a text band of `grid` (PIL's default font, ~12 px)
+EDIT_COLUMNS = ("input", "edited", "target")  # the one column order of every edit grid
+
+
+def fit_text(text: str, width: float, font) -> str:
+    """`text` on one line, cut with '...' to fit `width` pixels in `font`."""
+    text = " ".join(str(text).split())
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "...") > width:
+        text = text[:-1]
+    return text.rstrip() + "..." if text else ""
+
+
+def grid(rows: List[List[Image.Image]], columns: Optional[Sequence[str]] = None,
+         labels: Optional[Sequence[str]] = None) -> Image.Image:
+    """Images pasted row by row, each resized to the first one's size. `columns`: a header band
+    naming the columns (e.g. EDIT_COLUMNS); `labels`: one text band above each row (e.g. its
+    caption or instruction). Text in PIL's default font, cut to fit; bands are LABEL_H high."""
+    from PIL import ImageDraw, ImageFont
     w, h = rows[0][0].size
-    out = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
+    ncols = max(len(r) for r in rows)
+    head, band = (LABEL_H if columns else 0), (LABEL_H if labels else 0)
+    out = Image.new("RGB", (w * ncols, head + len(rows) * (band + h)), "white")
+    draw, font = ImageDraw.Draw(out), ImageFont.load_default()
+    if head:
+        draw.rectangle((0, 0, out.width - 1, head - 1), fill=(225, 225, 225))  # the header band
+    for j, name in enumerate(columns or []):
+        text = fit_text(name, w - 4, font)
+        draw.text((j * w + (w - font.getlength(text)) / 2, 1), text, fill="black", font=font)
     for i, row in enumerate(rows):
+        y = head + i * (band + h)
+        if labels:
+            draw.text((2, y + 1), fit_text(labels[i], w * ncols - 4, font), fill="black", font=font)
         for j, im in enumerate(row):
-            out.paste(im.resize((w, h)), (j * w, i * h))
+            out.paste(im.resize((w, h)), (j * w, y + band))
     return out
 
 
 def sample_grids(model, builder, cfg, eval_batches=None) -> Dict[str, Image.Image]:
-    """The training-time grids: the fixed prompts (seed i for prompt i), and held-out edit
-    pairs as rows [input | edited | target]. Same forwards on every rank (ZeRO-3)."""
+    """The training-time grids: the fixed prompts (seed i for prompt i; each column headed by
+    its prompt), and held-out edit pairs as rows [input | edited | target] (header band; each
+    row labelled with its instruction). Same forwards on every rank (ZeRO-3)."""
     from unilip_ds.tasks.base import eval_mode
     g = cfg.gen
     with eval_mode(model):
@@ -110,7 +140,7 @@ def sample_grids(model, builder, cfg, eval_batches=None) -> Dict[str, Image.Imag
             gens = [torch.Generator().manual_seed(i) for i in range(len(g.sample_prompts))]
             images = sample(model, builder, "t2i", g.sample_prompts, steps=g.sample_steps,
                             guidance=g.guidance_scale, flow_shift=g.flow_shift_sample, generator=gens)
-            out["t2i"] = grid([to_pil(images)])
+            out["t2i"] = grid([to_pil(images)], columns=list(g.sample_prompts))
         edits = [b for b in (eval_batches or []) if b["__task__"] == "edit"][:1]
         if edits and g.sample_edits:
             b, k = edits[0], g.sample_edits
@@ -119,5 +149,6 @@ def sample_grids(model, builder, cfg, eval_batches=None) -> Dict[str, Image.Imag
                             steps=g.sample_steps, guidance=g.guidance_scale,
                             flow_shift=g.flow_shift_sample, generator=gens)
             cols = [to_pil(b["input_image"][:k].float()), to_pil(edited), to_pil(b["image"][:k].float())]
-            out["edit"] = grid([list(r) for r in zip(*cols)])
+            out["edit"] = grid([list(r) for r in zip(*cols)], columns=EDIT_COLUMNS,
+                               labels=list(b["instruction"][:k]))
     return out

@@ -29,7 +29,7 @@ class Flavor:
     convnext_dims: Tuple[int, ...] = (96, 192, 384, 768)
     convnext_depths: Tuple[int, ...] = (3, 3, 27, 3)
     classifier_size: int = 224
-    # generator (DESIGN 2.2)
+    # generator
     sana: Dict[str, Any] = field(default_factory=dict)  # SanaTransformer2DModel config kwargs
     num_queries: int = 256
     connector_layers: int = 6  # copies of the LLM's last decoder layers

@@ -1,4 +1,4 @@
-"""The generator (DESIGN 2.2): frozen InternVL3 MLLM (its vision path = the UniLIP encoder +
+"""The generator: frozen InternVL3 MLLM (its vision path = the UniLIP encoder +
 mlp1) + learnable queries + bidirectional connector + projector + SANA DiT, trained with
 rectified flow on UniLIP (or, in gen_stage1, DC-AE) latents.
 

@@ -1,4 +1,4 @@
-"""Prompts of the generator (DESIGN 2.2): chat template, image tokens, query slots, padding,
+"""Prompts of the generator: chat template, image tokens, query slots, padding,
 CFG-null prompts and truncation, built with the MLLM's own tokenizer (ids read from it).
 
 One sample's sequence is

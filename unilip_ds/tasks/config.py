@@ -35,7 +35,7 @@ class ReconConfig:
 
 @dataclass
 class GenConfig:
-    """The generator stages (gen_stage1 / gen_stage2 / gen_stage3), DESIGN 2.2."""
+    """The generator stages (gen_stage1 / gen_stage2 / gen_stage3)."""
     # dcae: the SANA's own DC-AE latent space (gen_stage1, DiT frozen); unilip: the UniLIP
     # latent space (gen_stage2/3)
     target: str = "unilip"
