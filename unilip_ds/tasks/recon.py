@@ -395,7 +395,8 @@ class ReconTask(Task):
     @torch.no_grad()
     def samples(self, engines: Mapping[str, nn.Module], step: int, eval_batches) -> Dict[str, object]:
         """Originals (top row) over their reconstructions (bottom row) from the first eval
-        batch of each eval source: "recon", or "recon_<source>" with several sources."""
+        batch of each eval source, each row labelled: "recon", or "recon_<source>" with
+        several sources."""
         from unilip_ds.inference.sampling import grid, to_pil
         from unilip_ds.models.unilip import reconstruct_any
         model = getattr(engines[MAIN], "module", engines[MAIN])
@@ -409,7 +410,8 @@ class ReconTask(Task):
                 images = batch["image"][:SAMPLE_IMAGES]
                 recon = reconstruct_any(model.unilip, images.to(dtype)).float()
                 name = f"recon_{source}" if len(firsts) > 1 else "recon"
-                out[name] = grid([to_pil(images.float()), to_pil(recon)])
+                out[name] = grid([to_pil(images.float()), to_pil(recon)],
+                                 labels=[f"{source}: originals", f"reconstructions at step {step}"])
         return out
 
     def _inception(self, device):
