@@ -180,6 +180,11 @@ def test_recon_weight_files_are_checked_inside(gen_assets, sample_shards, tmp_pa
                   f"model.dcae_path={gen_assets.dcae}")
     line = _main([a for a in args if "perceptual_pretrained" not in a] + perceptual, capsys)
     assert f"config key 'model.convnext_path': ConvNeXt-S {files['convnext_path']}: 1 missing keys" in line
+    files["lpips_path"].write_bytes(b"not a torch file")
+    line = _main([a for a in args if "perceptual_pretrained" not in a] + perceptual, capsys)
+    assert line == (f"error: config key 'model.lpips_path': {files['lpips_path']} is not a state-dict file "
+                    "torch.load(weights_only=True) reads (UnpicklingError) (expected the LPIPS head (lpips "
+                    "weights/v0.1/vgg.pth))")
     assert not out.exists()
 
 

@@ -234,9 +234,11 @@ def read_torch(path: str | Path) -> Dict[str, torch.Tensor]:
     path = Path(path)
     if path.suffix == ".safetensors":
         return read_weights_dir(path)
-    if _HEADERS_ONLY.get():
-        return torch.load(str(path), map_location="meta", weights_only=True)
-    return torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        return torch.load(str(path), map_location="meta" if _HEADERS_ONLY.get() else "cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        raise ValueError(f"{path} is not a state-dict file torch.load(weights_only=True) reads "
+                         f"({type(exc).__name__})") from None
 
 
 def write_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | Path,

@@ -109,6 +109,12 @@ def check_perceptual(paths: dict, flavor: str, describe: dict) -> None:
 
 
 def check_inception(key: str, path: str) -> None:
-    from unilip_ds.evaluation.inception import load_fid_inception
+    from unilip_ds.evaluation.inception import InceptionWeightsError, load_fid_inception
     expect = "the FID Inception weights pt_inception-2015-12-05-6726825d.pth"
-    dry_load(key, path, expect, lambda: on_meta(lambda: load_fid_inception(path, device="meta")))
+
+    def load() -> None:
+        try:
+            on_meta(lambda: load_fid_inception(path, device="meta"))
+        except InceptionWeightsError as exc:  # its messages name the command-line option
+            raise InceptionWeightsError(str(exc).removeprefix("--inception: ")) from None
+    dry_load(key, path, expect, load)
