@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# DeepSpeed JIT-builds its CPU comm op once (~45 s); keep the build between runs
+# DeepSpeed JIT-builds its CPU comm op once (~3 minutes on 2 cores); keep the build between runs
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 export HF_HUB_OFFLINE ?= 1

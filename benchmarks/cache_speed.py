@@ -1,4 +1,4 @@
-"""Training speed of the generator with each frozen-output cache level (issue 8): samples/s of
+"""Training speed of the generator with each frozen-output cache level: samples/s of
 gen_stage2 training steps with `none`, `latents` and `prefix`, T2I and edit, in one run, next to
 the speed-up the FLOP count of the same model and batch predicts (benchmarks/gen_flops.py).
 

@@ -1,5 +1,5 @@
-"""Flash-attention against SDPA on the generator's condition path at a flavor's real shapes
-(issue 19): the same random-weight GenModel (gen_stage2 config, activation checkpointing as the
+"""Flash-attention against SDPA on the generator's condition path at a flavor's real shapes:
+the same random-weight GenModel (gen_stage2 config, activation checkpointing as the
 preset) run with `model.attn_impl=flash` (transformers' flash-attention 2 integration: unpad by
 the 2-D mask, flash_attn_varlen_func) and with SDPA on a padded batch of mixed prompt lengths,
 T2I and edit (edit: the vision tower runs on the backend too).

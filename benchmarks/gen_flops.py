@@ -1,6 +1,6 @@
 """FLOPs of one generator training step (gen_stage2 layout: the DiT trains), split per
 component, and the step-time ratios they predict for the frozen-output cache levels of
-issue 8 (DESIGN 2.3): `none`, `latents` (target latents + edit reference features cached)
+`none`, `latents` (target latents + edit reference features cached)
 and `prefix` (also the frozen LLM's prompt prefix: hidden states + per-layer K/V; the LLM
 then runs only over the 256 query positions).
 
@@ -45,7 +45,7 @@ component runs at the same MFU, which is not quite so: element-wise / norm / RoP
 work is not counted at all (memory-bound; relatively most of it in the DiT's linear attention
 and the small-width LLM), the query pass is 256-token GEMMs at width 896 (lower MFU than the
 1025-token ViT), and with `prefix` the step also has to bring the cached K/V + hidden states
-in (DESIGN 2.3: 12 KiB + 1.75 KiB per token at 1B, ~1.6 MiB a T2I sample, ~5.5 MiB an edit
+in (12 KiB + 1.75 KiB per token at 1B, ~1.6 MiB a T2I sample, ~5.5 MiB an edit
 sample: host->device copy and data loading, memory/I/O-bound, not FLOPs), and the optimizer
 step and gradient all-reduce (memory / network-bound, per step not per sample) do not shrink
 with the cache; so the measured ratios should come out somewhat below the FLOP prediction.
@@ -66,9 +66,9 @@ from unilip_ds.flops import (ADAMW_FLOPS_PER_PARAM, GEN_COMPONENTS, conv_backwar
                              flop_counter, gen_batch, gen_component_flops)
 
 COMPONENTS = GEN_COMPONENTS + ("optimizer",)
-# cached components per level (DESIGN 2.3)
+# cached components per level
 LEVELS = {"none": (), "latents": ("target_enc", "ref_enc"), "prefix": ("target_enc", "ref_enc", "llm_prefix")}
-TARGETS = {"t2i": 1.4, "edit": 1.8}  # issue 8: prefix at least this much faster than none at 1B
+TARGETS = {"t2i": 1.4, "edit": 1.8}  # the goal: prefix at least this much faster than none at 1B
 NOTES = """notes:
 - assumption: step time proportional to the FLOPs FlopCounterMode counts (matmul, conv,
   attention), i.e. every component at the same MFU. Not counted (memory-bound): element-wise,
@@ -140,7 +140,7 @@ def optimizer_counted_flops(model) -> int:
 
 def cache_bytes(model, task: str, prompts) -> Dict[str, float]:
     """Bytes per sample (bf16, real tokens only) that a cache level adds to the step's input:
-    what has to be read and copied to the device instead of computed (DESIGN 2.3)."""
+    what has to be read and copied to the device instead of computed."""
     t = model.llm.config
     head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
     tokens = sum(prompts.lengths) / len(prompts.lengths)
@@ -219,7 +219,7 @@ def table(res: dict) -> str:
                                            + " " * 16 for t in tasks))
     targets = [f"{t} {res['tasks'][t]['predicted_speedup']['prefix']:.2f}x vs >= {TARGETS[t]}x"
                for t in tasks if t in TARGETS]
-    lines += [f"issue 8 target (meaningful at 1b proportions), prefix over none: " + "; ".join(targets),
+    lines += [f"target (meaningful at 1b proportions), prefix over none: " + "; ".join(targets),
               NOTES.format(ckpt="on" if res["grad_checkpointing"] else "off")]
     return "\n".join(lines)
 

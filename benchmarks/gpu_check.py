@@ -1,4 +1,4 @@
-"""Every CUDA check of the project in one run (issue 19), within 8 minutes on one H100 / H200:
+"""Every CUDA check of the project in one run, within 8 minutes on one H100 / H200:
 an ordered list of steps, each a command with its own time budget, run as a subprocess that is
 killed (with its children) when its budget is spent, so one hang cannot eat the rest. Each
 step's JSON lines are its figures; a failing step is recorded with the last lines of its

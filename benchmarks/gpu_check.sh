@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every CUDA check of the project in one command (issue 19): first flash-attn, installed when it
+# Every CUDA check of the project in one command: first flash-attn, installed when it
 # does not import (the install command is printed before anything else; it is not part of the
 # 8-minute budget), then benchmarks/gpu_check.py, whose steps run in <= 8 minutes on one
 # H100 / H200 and write <out>/gpu_check.json + <out>/gpu_check.md. Arguments go to gpu_check.py

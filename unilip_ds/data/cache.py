@@ -1,4 +1,4 @@
-"""Caches of what the generator's frozen parts compute (DESIGN 2.3), per source shard.
+"""Caches of what the generator's frozen parts compute, per source shard.
 
 A cache set (a directory or s3:// prefix) holds, for every source shard `X.tar`, a cache
 shard `X.tar` whose members are `<sample key>.cache`: the safetensors bytes of that sample's

@@ -34,7 +34,7 @@ TEXT_FIELD: Dict[str, Optional[str]] = {"recon": None, "t2i": "caption", "edit":
 #   "crop"   a square crop of the shorter side: random in training, plus a random horizontal
 #            flip when data.random_flip; centred and unflipped in eval
 #   "squash" the whole image resized to the square, aspect ignored: no crop, no flip, no
-#            randomness, the same in training and eval. Generation data (DESIGN 2.2): a
+#            randomness, the same in training and eval. Generation data: a
 #            caption or instruction may name what a crop cuts away or a flip mirrors, and
 #            an edit's input and output stay aligned whatever their sizes.
 FIT: Dict[str, str] = {"recon": "crop", "t2i": "squash", "edit": "squash"}

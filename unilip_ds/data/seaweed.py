@@ -5,7 +5,7 @@ cluster uses. The server binds 127.0.0.1 only, keeps its data in a directory of 
 keeps its ports across `restart()` (a restart looks like an outage to readers, which is
 what the storage retry tests need).
 
-Facts this relies on (measured, DESIGN.md sec. 4): every port p also needs p+10000 free
+Facts this relies on (measured here): every port p also needs p+10000 free
 (gRPC); /healthz answers ~1 s after start; an s3.json with one identity enforces
 credentials; `weed mini` exits on SIGTERM (`weed server -s3` does not).
 """
