@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Dict
 
+import numpy as np
 import torch
 
 
@@ -39,18 +40,19 @@ class FeatureStats:
         return mu, cov
 
 
-def _sqrt_psd(m: torch.Tensor) -> torch.Tensor:
-    w, v = torch.linalg.eigh((m + m.T) / 2)
-    return (v * w.clamp_min(0).sqrt()) @ v.T
+def _sqrt_psd(m: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((m + m.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
 
 
 def frechet_distance(mu1, cov1, mu2, cov2) -> float:
-    mu1, cov1, mu2, cov2 = (t.double().cpu() for t in (mu1, cov1, mu2, cov2))
+    # LAPACK through numpy: torch's CPU eigh of a 2048 x 2048 float64 matrix measured 3x slower here
+    mu1, cov1, mu2, cov2 = (t.double().cpu().numpy() for t in (mu1, cov1, mu2, cov2))
     a = _sqrt_psd(cov1)
-    w = torch.linalg.eigvalsh(a @ cov2 @ a)
-    tr_covmean = w.clamp_min(0).sqrt().sum()
+    w = np.linalg.eigvalsh(a @ cov2 @ a)
+    tr_covmean = np.sqrt(np.clip(w, 0, None)).sum()
     diff = mu1 - mu2
-    return float(diff @ diff + torch.trace(cov1) + torch.trace(cov2) - 2 * tr_covmean)
+    return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2 * tr_covmean)
 
 
 def fid_from_stats(real: FeatureStats, fake: FeatureStats) -> float:
