@@ -82,22 +82,50 @@ def sample_latents(model, builder, task: str, texts: Sequence[Optional[str]], re
                                   flow_shift=flow_shift, generator=gens, ref_features=ref_features)
 
 
-def fit(model, x0: torch.Tensor, state, steps: int, lr: float, log=None):
-    """`steps` full-batch AdamW steps of GenModel's own flow loss on cached frozen outputs
-    (target latents `x0`, prompt prefix `state`); returns (losses, start time)."""
+def fit(model, x0: torch.Tensor, state, steps: int, lr: float, log=None, batch: Optional[int] = None):
+    """`steps` AdamW steps of GenModel's own flow loss on cached frozen outputs (target latents
+    `x0`, prompt prefix `state`), full batch or random minibatches of `batch`; returns
+    (losses, start time)."""
+    from unilip_ds.models.generator import PrefixState
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     model.train()
-    t0, losses = time.time(), []
+    t0, losses, n = time.time(), [], x0.shape[0]
     for step in range(steps):
-        loss = model(None, target=x0, prefix=state)["loss"].mean()
+        st, x = state, x0
+        if batch and batch < n:
+            idx = torch.randperm(n)[:batch]
+            st, x = PrefixState(state.hidden[idx], [(k[idx], v[idx]) for k, v in state.kv], state.mask[idx]), x0[idx]
+        loss = model(None, target=x, prefix=st)["loss"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(loss.item())
-        if log and (step % 100 == 0 or step == steps - 1):
-            log(f"  step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+        if log and (step % 200 == 0 or step == steps - 1):
+            log(f"  step {step + 1}/{steps} loss {np.mean(losses[-50:]):.4f} ({time.time() - t0:.0f}s)")
     model.eval()
     return losses, t0
+
+
+@torch.no_grad()
+def pool(model, builder, task: str, texts: Sequence[Optional[str]], targets: torch.Tensor,
+         refs: Optional[torch.Tensor] = None, chunk: int = 64):
+    """(target latents, prompt prefix) of a training pool, computed once in chunks (as a
+    prefix cache would) and padded to one prompt length (left padding, as the builder's)."""
+    from unilip_ds.models.generator import PrefixState
+    n = targets.shape[0]
+    x0 = torch.cat([model.target_latent(targets[i:i + chunk]).float() for i in range(0, n, chunk)])
+    states = [model.prefix(builder(task, list(texts[i:i + chunk])),
+                           None if refs is None else model.image_features(refs[i:i + chunk]))
+              for i in range(0, n, chunk)]
+    width = max(s_.mask.shape[1] for s_ in states)
+
+    def cat(get, dim):
+        parts = [get(s_) for s_ in states]
+        return torch.cat([p if p.shape[dim] == width else
+                          torch.cat([p.new_zeros(*p.shape[:dim], width - p.shape[dim], *p.shape[dim + 1:]), p], dim)
+                          for p in parts])
+    kv = [(cat(lambda s_: s_.kv[l][0], 2), cat(lambda s_: s_.kv[l][1], 2)) for l in range(len(states[0].kv))]
+    return x0, PrefixState(cat(lambda s_: s_.hidden, 1), kv, cat(lambda s_: s_.mask, 1))
 
 
 def overfit(task, model, inputs: torch.Tensor, targets: torch.Tensor, steps: int, lr: float,
@@ -175,54 +203,86 @@ def build_tiny(root: Path, latent_scale: Optional[str] = "auto", extra: Sequence
     return task, modules[MAIN]
 
 
-def heldout_flip(task, model, count: int, steps: int, lr: float, batch: int = 8, seed: int = 0,
-                 sample_steps: int = 20, guidance: float = 1.0, log=None) -> Dict[str, float]:
-    """Generalisation: "flip the image horizontally" trained on `count` photos and variants
-    (random minibatches, the demo's held-out photos left out), then applied to the held-out
-    photos. Image PSNR of the output against the true target and against the input, and the
-    copy baseline (input vs target); the same in latent space."""
+def edit_pairs(data: str, count: int, seed: int):
+    """(inputs, instructions, outputs) as PIL lists: `count` training pairs and the held-out
+    ones. photos: the bundled photos' variants, "flip the image horizontally", the demo's
+    held-out photos left out; shapes: synthetic scenes (shape_samples; held out = another
+    seed), each flipped horizontally or upside down by a seeded draw (FLIP_EDITS), so the
+    instruction decides the edit."""
+    import random
     from PIL import ImageOps
-    from unilip_ds.data.sample_images import PHOTOS, load_photo, samples
+    from unilip_ds.data.sample_images import FLIP_EDITS, PHOTOS, load_photo, samples, shape_samples
+    if data == "photos":
+        held = ("chelsea", "coffee", "astronaut")
+        train = [s_.image for s_ in samples(count) if s_.key.split("_")[0] not in held]
+        test = [load_photo(n) for n, _ in PHOTOS if n.split(".")[0] in held]
+        flip = lambda ims: (ims, [FLIP] * len(ims), [ImageOps.mirror(i) for i in ims])  # noqa: E731
+        return flip(train), flip(test)
+    out = []
+    for part, n in ((seed, count), (seed + 1000, 16)):
+        pick = random.Random(f"edit-pairs-{part}")
+        ims = [s_.image for s_ in shape_samples(n, seed=part)]
+        edits = [FLIP_EDITS[pick.randrange(len(FLIP_EDITS))] for _ in ims]
+        out.append((ims, [e[0] for e in edits], [e[1](im) for e, im in zip(edits, ims)]))
+    return out[0], out[1]
+
+
+def heldout_edit(task, model, data: str, count: int, steps: int, lr: float, batch: int = 8, seed: int = 0,
+                 sample_steps: int = 20, guidance: float = 1.0, log=None) -> Dict[str, float]:
+    """Generalisation: edits trained on `count` pairs (random minibatches; edit_pairs), then
+    applied to held-out inputs. Image PSNR of the output against the true target and against
+    the input, and the copy baseline (input vs target); the same in latent space."""
     from unilip_ds.models.generator import PrefixState
-    held = ("chelsea", "coffee", "astronaut")
-    train = [s_.image for s_ in samples(count) if s_.key.split("_")[0] not in held]
-    test = [load_photo(n) for n, _ in PHOTOS if n.split(".")[0] in held]
+    (tr_in, tr_text, tr_out), (te_in, te_text, te_out) = edit_pairs(data, count, seed)
     r = model.resolution
-    x_in, x_out = to_tensor(train, r), to_tensor([ImageOps.mirror(i) for i in train], r)
-    e_in, e_out = to_tensor(test, r), to_tensor([ImageOps.mirror(i) for i in test], r)
+    x_in, x_out = to_tensor(tr_in, r), to_tensor(tr_out, r)
+    e_in, e_out = to_tensor(te_in, r), to_tensor(te_out, r)
     builder = task.prompts()
-    n = len(train)
     torch.manual_seed(seed)
+    x0, state = pool(model, builder, "edit", tr_text, x_out, x_in)
+    losses, t0 = fit(model, x0, state, steps, lr, log, batch=batch)
     with torch.no_grad():
-        x0 = model.target_latent(x_out).float()
-        state = model.prefix(builder("edit", [FLIP] * n), model.image_features(x_in))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    model.train()
-    t0, losses = time.time(), []
-    for step in range(steps):
-        idx = torch.randperm(n)[:batch]
-        st = PrefixState(state.hidden[idx], [(k[idx], v[idx]) for k, v in state.kv], state.mask[idx])
-        loss = model(None, target=x0[idx], prefix=st)["loss"].mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if log and (step % 200 == 0 or step == steps - 1):
-            log(f"  step {step + 1}/{steps} loss {np.mean(losses[-50:]):.4f} ({time.time() - t0:.0f}s)")
-    model.eval()
-    with torch.no_grad():
-        z = sample_latents(model, builder, "edit", [FLIP] * len(test), e_in, steps=sample_steps,
-                           guidance=guidance, seed=seed)
+        z = sample_latents(model, builder, "edit", te_text, e_in, steps=sample_steps, guidance=guidance, seed=seed)
         out = model.decode(z)
         zt, zi = model.target_latent(e_out), model.target_latent(e_in)
         rec_t = model.decode(zt)
     peak = float(zt.max() - zt.min())
-    return {"train_pairs": n, "psnr_vs_target": psnr(out, e_out), "psnr_vs_input": psnr(out, e_in),
-            "psnr_copy": psnr(e_in, e_out), "psnr_recon_target": psnr(rec_t, e_out),
+    return {"train_pairs": len(tr_in), "heldout_pairs": len(te_in), "psnr_vs_target": psnr(out, e_out),
+            "psnr_vs_input": psnr(out, e_in), "psnr_copy": psnr(e_in, e_out), "psnr_recon_target": psnr(rec_t, e_out),
             "latent_psnr_vs_target": psnr(z, zt, peak), "latent_psnr_vs_input": psnr(z, zi, peak),
-            "latent_psnr_copy": psnr(zi, zt, peak), "loss_last": float(np.mean(losses[-50:])),
-            "train_s": time.time() - t0, "latent_scale": float(model.latent_scale), "_out": out,
-            "_in": e_in, "_target": e_out}
+            "latent_psnr_copy": psnr(zi, zt, peak),
+            # what knowing only each target's spatial mean (its colours, not its layout) gives
+            "latent_psnr_global_only": psnr(zt.mean((2, 3), keepdim=True).expand_as(zt), zt, peak),
+            "loss_last": float(np.mean(losses[-50:])), "train_s": time.time() - t0,
+            "latent_scale": float(model.latent_scale), "_out": out, "_in": e_in, "_target": e_out}
+
+
+def heldout_t2i(task, model, count: int, steps: int, lr: float, batch: int = 8, seed: int = 0,
+                sample_steps: int = 20, guidance: float = 1.0, log=None) -> Dict[str, float]:
+    """T2I generalisation: synthetic scenes and their captions (shape_samples), `count` for
+    training, 16 held out (another seed). Samples from the held-out captions against the
+    scenes they describe, and the same model with the caption dropped (the null prompt, the
+    same seeds): the caption must bring the sample closer to what it describes."""
+    from unilip_ds.data.sample_images import shape_samples
+    r = model.resolution
+    train, test = shape_samples(count, seed=seed), shape_samples(16, seed=seed + 1000)
+    builder = task.prompts()
+    torch.manual_seed(seed)
+    x0, state = pool(model, builder, "t2i", [s_.caption for s_ in train], to_tensor([s_.image for s_ in train], r))
+    losses, t0 = fit(model, x0, state, steps, lr, log, batch=batch)
+    target = to_tensor([s_.image for s_ in test], r)
+    with torch.no_grad():
+        caps = [s_.caption for s_ in test]
+        z = sample_latents(model, builder, "t2i", caps, None, steps=sample_steps, guidance=guidance, seed=seed)
+        z0 = sample_latents(model, builder, "t2i", [None] * len(caps), None, steps=sample_steps, seed=seed)
+        zt = model.target_latent(target)
+        out, out0 = model.decode(z), model.decode(z0)
+    peak = float(zt.max() - zt.min())
+    return {"train_pairs": count, "heldout_captions": len(test), "psnr_caption_vs_target": psnr(out, target),
+            "psnr_dropped_vs_target": psnr(out0, target), "psnr_caption_vs_dropped": psnr(out, out0),
+            "latent_psnr_caption_vs_target": psnr(z, zt, peak), "latent_psnr_dropped_vs_target": psnr(z0, zt, peak),
+            "loss_last": float(np.mean(losses[-50:])), "train_s": time.time() - t0,
+            "latent_scale": float(model.latent_scale), "_in": out0, "_out": out, "_target": target}
 
 
 # -- export ------------------------------------------------------------------------------
@@ -289,13 +349,16 @@ def main(argv=None) -> int:
     h = sub.add_parser("heldout")
     h.add_argument("--recon", default=None, help="a recon export (e.g. the demo's recon_stage2); default: random")
     h.add_argument("--internvl", default=None, help="the InternVL3 directory the recon encoder came from")
+    h.add_argument("--data", choices=("shapes", "photos"), default="shapes")
+    h.add_argument("--task", choices=("edit", "t2i"), default="edit", help="t2i: shapes' captions -> scenes")
     h.add_argument("--count", type=int, default=200)
     h.add_argument("--steps", type=int, default=1500)
     h.add_argument("--batch", type=int, default=8)
     h.add_argument("--lr", type=float, default=1e-3)
     h.add_argument("--guidance", type=float, default=1.0)
     h.add_argument("--assets", default=None)
-    h.add_argument("--grid", default=None, help="write input | output | target rows here (PNG)")
+    h.add_argument("--grid", default=None, help="write input | output | target rows here (PNG; t2i: caption "
+                   "dropped | caption | described scene)")
     h.add_argument("--extra", nargs="*", default=[], help="config overrides (e.g. model widths are the flavor's)")
     e = sub.add_parser("export")
     e.add_argument("--ckpt", required=True)
@@ -326,11 +389,15 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(args.assets or tmp)
             task, model = build_tiny(root, "auto", args.extra, recon=args.recon, internvl=args.internvl)
-            from unilip_ds.data.sample_images import samples
-            model.latent_scale = latent_scale_for(model, to_tensor([s_.image for s_ in samples(64)], model.resolution))
+            model.latent_scale = latent_scale_for(model, to_tensor(edit_pairs(args.data, 64, 0)[0][2], model.resolution))
             print(f"heldout: latent scale {model.latent_scale:g}", flush=True)
-            res = heldout_flip(task, model, args.count, args.steps, args.lr, args.batch, guidance=args.guidance,
-                               log=lambda s: print(s, flush=True))
+            say = lambda s: print(s, flush=True)  # noqa: E731
+            if args.task == "edit":
+                res = heldout_edit(task, model, args.data, args.count, args.steps, args.lr, args.batch,
+                                   guidance=args.guidance, log=say)
+            else:
+                res = heldout_t2i(task, model, args.count, args.steps, args.lr, args.batch, guidance=args.guidance,
+                                  log=say)
             ims = [res.pop(k) for k in ("_in", "_out", "_target")]
             if args.grid:
                 from unilip_ds.inference.sampling import grid, to_pil

@@ -124,6 +124,53 @@ def samples(count: Optional[int] = None, size: Optional[int] = None,
     return out
 
 
+# synthetic scenes: unlimited, varied layouts whose captions say exactly what is drawn
+COLOURS: Tuple[Tuple[str, Tuple[int, int, int]], ...] = (
+    ("red", (220, 40, 40)), ("green", (40, 170, 60)), ("blue", (40, 70, 220)), ("yellow", (240, 220, 40)),
+    ("white", (245, 245, 245)), ("black", (20, 20, 20)), ("orange", (245, 140, 30)), ("purple", (140, 50, 170)))
+SHAPES = ("circle", "square", "triangle")
+
+
+def _where(cx: float, cy: float) -> str:
+    v = "top" if cy < 0.4 else "bottom" if cy > 0.6 else "middle"
+    h = "left" if cx < 0.4 else "right" if cx > 0.6 else "centre"
+    return "centre" if (v, h) == ("middle", "centre") else f"{v} {h}" if v != "middle" else f"middle {h}"
+
+
+def shape_scene(rng: random.Random, size: int = 224) -> Tuple[Image.Image, str]:
+    """One to three flat shapes on a plain background, and the caption naming each shape's
+    colour, kind and place (so a flip moves what the caption says is where)."""
+    from PIL import ImageDraw
+    bg_name, bg = rng.choice(COLOURS)
+    im = Image.new("RGB", (size, size), bg)
+    draw = ImageDraw.Draw(im)
+    parts = []
+    for _ in range(rng.randint(1, 3)):
+        name, colour = rng.choice([c for c in COLOURS if c[0] != bg_name])
+        kind = rng.choice(SHAPES)
+        r = rng.uniform(0.12, 0.25) * size
+        cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+        box = (cx - r, cy - r, cx + r, cy + r)
+        if kind == "circle":
+            draw.ellipse(box, fill=colour)
+        elif kind == "square":
+            draw.rectangle(box, fill=colour)
+        else:
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+        parts.append(f"{'an' if name[0] in 'aeiou' else 'a'} {name} {kind} at the {_where(cx / size, cy / size)}")
+    return im, f"{', '.join(parts[:-1]) + ' and ' if len(parts) > 1 else ''}{parts[-1]} on a {bg_name} background."
+
+
+def shape_samples(count: int, size: int = 224, seed: int = 0) -> List[Sample]:
+    """`count` synthetic scenes (shape_scene), the same for the same seed."""
+    rng = random.Random(f"shapes-{seed}")
+    out = []
+    for i in range(count):
+        im, caption = shape_scene(rng, size)
+        out.append(Sample(f"shapes{seed}_{i:05d}", im, caption[0].upper() + caption[1:]))
+    return out
+
+
 def jpeg_bytes(im: Image.Image, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=quality)
