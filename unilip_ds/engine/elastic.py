@@ -5,6 +5,9 @@
   <checkpoint>/universal/<engine>/ and loaded from there (`load_universal`); later resumes
   from the same checkpoint reuse the conversion. The LR schedule and step counters travel
   in the engine's model-states file, which the conversion copies.
+- Frozen parameters: read from their sources, as at every start (checkpoint.frozen_state);
+  DeepSpeed's universal load restores neither them nor the module's buffers: the buffers
+  (e.g. the discriminator's LeCam EMAs) come from the copied model-states file.
 - EMA: rebuilt per parameter from the partitions of all old ranks (ema.EMA.load_from_ranks).
 - Data: the stream states of all old readers are redistributed (data/elastic.py); also
   when only data.num_workers or data.shuffle_buffer changed.
@@ -116,6 +119,7 @@ def load_universal(engine: Any, root: Path, name: str) -> Any:
     finally:
         engine._config.load_universal_checkpoint = False
     if path is not None:
+        _restore_buffers(engine, root / name)
         # DeepSpeed's ZeRO-3 universal load gives every param group the hyperparameters of
         # the first (weight decay, LR multiplier): put back each group's own
         saved = torch.load(root / name / "zero" / "optimizer_state.pt", map_location="cpu",
@@ -125,6 +129,21 @@ def load_universal(engine: Any, root: Path, name: str) -> Any:
             for group, old in zip(groups, saved):
                 group.update({k: v for k, v in old.items() if k != "params"})
     return path
+
+
+def _restore_buffers(engine: Any, edir: Path) -> None:
+    """The module's persistent buffers from a (copied) model-states file: the same on every
+    old rank (ZeRO-3 partitions parameters, not buffers)."""
+    files = sorted(edir.glob("*model_states.pt"))
+    if not files:
+        return
+    state = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
+    module = state.get("module") or {}
+    buffers = {n: module[n] for n in state.get("buffer_names") or [] if n in module}
+    if buffers:
+        res = engine.module.load_state_dict(buffers, strict=False)
+        if res.unexpected_keys:
+            raise checkpoint.CheckpointError(f"{edir}: buffers {res.unexpected_keys[:3]} are not in the model")
 
 
 def reseed(seed: int, step: int, rank: int) -> None:

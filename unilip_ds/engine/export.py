@@ -1,5 +1,7 @@
 """Consolidated weights from a run's latest checkpoint, written per component in the
-transformers / diffusers save_pretrained layout (see Task.export_components)."""
+transformers / diffusers save_pretrained layout (see Task.export_components). A checkpoint
+holds what trains; the frozen parts come from the sources the run read them from, checked
+against the digests the checkpoint recorded (engine/sources.py), so an export is complete."""
 
 from __future__ import annotations
 
@@ -37,6 +39,19 @@ def ema_weights(output_dir: Path, tag: str, meta: dict) -> Dict[str, torch.Tenso
 
 
 def consolidated(run_dir: str | Path, use_ema: bool = True) -> Tuple[Config, Dict[str, torch.Tensor], dict]:
+    """The run's full fp32 state dict of the `MAIN` module: from the checkpoint, plus, where
+    it holds only what trains, the frozen parameters read from their sources (checked)."""
+    cfg, sd, info, meta = _checkpoint_weights(run_dir, use_ema)
+    if checkpoint.holds_frozen(meta):
+        return cfg, sd, info
+    _, modules = _complete(run_dir, cfg, sd, meta)
+    full = {k: v.detach().float() if v.is_floating_point() else v.detach()
+            for k, v in modules[MAIN].state_dict().items()}
+    return cfg, full, info
+
+
+def _checkpoint_weights(run_dir: str | Path, use_ema: bool):
+    """(config, the `MAIN` engine's fp32 weights as the checkpoint holds them, info, meta)."""
     run_dir = Path(run_dir)
     tag = checkpoint.latest_tag(run_dir)
     if tag is None:
@@ -53,19 +68,52 @@ def consolidated(run_dir: str | Path, use_ema: bool = True) -> Tuple[Config, Dic
             raise ExportError(f"EMA names parameters the checkpoint lacks: {missing[:3]}")
         sd.update(ema)
         info["weights"] = "ema"
-    return cfg, sd, info
+    return cfg, sd, info, meta
+
+
+def _complete(run_dir: str | Path, cfg: Config, sd: Dict[str, torch.Tensor], meta: dict,
+              build_cfg: Optional[Config] = None):
+    """(task, modules) built from `build_cfg` (default `cfg`, the run's) holding the run's
+    weights: `sd`, and where the checkpoint holds only what trains, the frozen parameters from
+    the sources the run read them from, checked first against the checkpoint's digests."""
+    from unilip_ds.engine import sources
+    lean = not checkpoint.holds_frozen(meta)
+    if lean:
+        try:
+            sources.compare(meta.get("frozen_sources") or {},
+                            sources.digests(build_task(cfg).frozen_sources(),
+                                            Path(run_dir) / sources.CACHE),
+                            f"checkpoint step_{meta['step']:08d} of {run_dir}")
+        except (sources.SourceChanged, OSError) as exc:
+            raise ExportError(str(exc)) from None
+    task = build_task(build_cfg or cfg)
+    modules = task.build_modules()
+    if lean:  # as the run did at its start
+        if cfg.model.init_from:
+            task.init_from(modules, cfg.model.init_from)
+        else:
+            task.load_pretrained(modules)
+        frozen = checkpoint.frozen_names(modules[MAIN])
+        keys = set(modules[MAIN].state_dict())
+        missing, unexpected = sorted(keys - set(sd) - frozen), sorted(set(sd) - keys)
+        if missing or unexpected:
+            raise ExportError(f"checkpoint of {run_dir}: {len(missing)} missing weights that train "
+                              f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        sd = {k: v for k, v in sd.items() if k not in frozen}
+    load_state_dict_into(modules[MAIN], sd, strict=not lean, what=f"checkpoint of {run_dir}")
+    return task, modules
 
 
 def export(run_dir: str | Path, out: str | Path, use_ema: bool = True,
            cfg_override: Optional[Config] = None) -> dict:
+    """A complete model directory (the frozen parts from their sources where the checkpoint
+    holds only what trains)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"--out {out} exists and is not empty; nothing was written")
-    cfg, sd, info = consolidated(run_dir, use_ema)
+    cfg, sd, info, meta = _checkpoint_weights(run_dir, use_ema)
+    task, modules = _complete(run_dir, cfg, sd, meta, cfg_override)
     cfg = cfg_override or cfg
-    task = build_task(cfg)
-    modules = task.build_modules()
-    load_state_dict_into(modules[MAIN], sd, strict=True, what=f"checkpoint of {run_dir}")
     out.mkdir(parents=True, exist_ok=True)
     info["components"] = task.write_export(modules[MAIN], out)
     (out / "config.yaml").write_text(to_yaml(cfg))

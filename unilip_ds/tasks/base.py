@@ -89,6 +89,16 @@ class Task(ABC):
     def load_pretrained(self, modules: Mapping[str, nn.Module]) -> None:
         """Load real weights from the paths in the config (not called for a dry run)."""
 
+    def frozen_sources(self) -> Dict[str, Optional[List[str]]]:
+        """Where the frozen weights come from, from the config alone: {label (the config key):
+        the files or weight directories `load_pretrained` / `init_from` read them from}. A
+        checkpoint holds only what trains; resume and export read these again, and every
+        checkpoint records their digests (engine/sources.py), so a changed file is refused.
+        None for a frozen part of an engine that has no file (random weights, the tiny flavor
+        only): such a run's checkpoints hold every parameter. Frozen networks outside the
+        engines (never checkpointed) may be listed too, to have their files checked."""
+        return {}
+
     def after_load(self, modules: Mapping[str, nn.Module]) -> None:
         """Once the weights are in place (fresh, init_from or resumed), on every rank, before
         the first step: checks that need the loaded model (e.g. cache fingerprints)."""

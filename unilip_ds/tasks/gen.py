@@ -151,6 +151,31 @@ class GenTask(Task):
         from unilip_ds.models import gen_loading as L
         L.load_export(modules[MAIN], path, self.cfg)
 
+    def frozen_sources(self) -> Dict[str, Optional[List[str]]]:
+        """As gen_loading.load_export / load_pretrained read them: the MLLM, the UniLIP adapter
+        and decoder, the DC-AE (gen.target=dcae) and, unless gen.train_dit, the DiT."""
+        m, g = self.cfg.model, self.cfg.gen
+        frozen = ["mllm", "adapter", "decoder"] + ([] if g.train_dit else ["transformer"])
+        dcae = g.target == "dcae"
+        out: Dict[str, Optional[List[str]]] = {}
+        if m.init_from:
+            root = Path(m.init_from)
+            if dcae and not (root / "dcae").exists():
+                out["model.dcae_path"] = [m.dcae_path] if m.dcae_path else None
+            elif dcae:
+                frozen.append("dcae")
+            out["model.init_from"] = [str(root / name) for name in frozen]
+            return out
+        unilip = Path(m.unilip_path) if m.unilip_path else None
+        # the language model (and, without a recon export, the vision path) from InternVL3
+        out["model.internvl_path"] = [m.internvl_path] if m.internvl_path else None
+        out["model.unilip_path"] = [str(unilip / n) for n in ("vision", "adapter", "decoder")] if unilip else None
+        if not g.train_dit:
+            out["model.sana_path"] = [str(Path(m.sana_path) / "transformer")] if m.sana_path else None
+        if dcae:
+            out["model.dcae_path"] = [m.dcae_path] if m.dcae_path else None
+        return out
+
     def param_groups(self, name: str, module: nn.Module) -> List[ParamGroup]:
         wd = self.cfg.optim.weight_decay
         groups = split_decay(module.connector, f"{name}.connector", wd)

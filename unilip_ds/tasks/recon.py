@@ -296,6 +296,25 @@ class ReconTask(Task):
         if m.perceptual_pretrained:
             nets.perceptual.load_pretrained(m.vgg_path, m.lpips_path, m.convnext_path)
 
+    def frozen_sources(self) -> Dict[str, Optional[List[str]]]:
+        """The frozen encoder + projector (recon.train_encoder=false: recon_stage1) from the
+        init_from export's vision/ or the InternVL checkpoint; and the loss networks outside
+        the engines (the teacher, the published perceptual weights), checked alike."""
+        m, out = self.cfg.model, {}
+        if not self.cfg.recon.train_encoder:
+            if m.init_from:
+                out["model.init_from"] = [str(Path(m.init_from) / "vision")]
+            else:
+                out["model.internvl_path"] = [m.internvl_path] if m.internvl_path else None
+        if self.with_teacher:
+            key = "recon.teacher_path" if self.cfg.recon.teacher_path else "model.internvl_path"
+            path = self.cfg.recon.teacher_path or m.internvl_path
+            if path:  # the teacher as load_teacher reads it
+                out[key] = [str(Path(path) / "vision")] if _is_recon_export(Path(path)) else [path]
+        if m.perceptual_pretrained:
+            out.update({f"model.{key}": [getattr(m, key)] for key in PERCEPTUAL_FILES})
+        return out
+
     def param_groups(self, name: str, module: nn.Module) -> List[ParamGroup]:
         wd = self.cfg.optim.weight_decay
         if name != MAIN:
