@@ -105,13 +105,15 @@ class Trainer:
             self.modules = self.task.build_modules()
         if tag is not None:
             rundir.check_engines(self.out, tag, list(self.modules))
+        # the digests of the frozen weights' files; resuming, a changed one is refused now
+        self.frozen = checkpoint.frozen_state(self.task, self.out, tag)
         if self.rank == 0:  # only now: this config is known to fit the run dir
             (self.out / "config.yaml").write_text(to_yaml(cfg))
-        if tag is None:  # a resumed run gets its weights from the checkpoint
-            if cfg.model.init_from:
-                self.task.init_from(self.modules, cfg.model.init_from)
-            else:
-                self.task.load_pretrained(self.modules)
+        # resumed too: checkpoints hold what trains, the frozen parts come from their sources
+        if cfg.model.init_from:
+            self.task.init_from(self.modules, cfg.model.init_from)
+        else:
+            self.task.load_pretrained(self.modules)
         self.engines = build_engines(self.task, self.modules, cfg, ds_raw, self.world)
         log.info(f"built {', '.join(self.engines)} in {time.time() - t0:.1f}s "
                  f"(world {self.world}, ZeRO stage {ds_raw.get('zero_optimization', {}).get('stage', 0)})")
@@ -366,7 +368,7 @@ class Trainer:
         meta = {"wandb_run_id": self.tracker.run_id, "config": to_dict(self.cfg),
                 "lr_scale": self.lr_scale, "skipped_nonfinite": self.nonfinite.total,
                 "ema": self.ema is not None,
-                "ema_partitioned": bool(self.ema and self.ema.partitioned)}
+                "ema_partitioned": bool(self.ema and self.ema.partitioned), **self.frozen}
         if self.keys_file is not None:
             self.keys_file.flush()
         cdir = checkpoint.save(self.out, self.step, self.engines, rank_state, meta,
