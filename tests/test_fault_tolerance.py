@@ -220,8 +220,10 @@ def test_nonfinite_stop_and_run_dir_never_mixed_or_clobbered(shards, tmp_path):
     assert [r["step"] for r in _metrics(out)] == [1] and checkpoint.latest_tag(out) == "step_00000001"
 
 
-def test_ctrl_c_checkpoints_at_the_next_step(shards, tmp_path):
-    """SIGINT to the whole process group, as a terminal's Ctrl-C (data workers included)."""
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_and_scancel_checkpoint_at_the_next_step(sig, shards, tmp_path):
+    """SIGINT to the whole process group, as a terminal's Ctrl-C, and SIGTERM to every
+    process, as Slurm's plain scancel (data workers included)."""
     out = tmp_path / "run"
     args = _args(out, shards, ["train.max_steps=1000", "checkpoint.every_steps=1000"])
     proc = subprocess.Popen([str(BIN / "python"), "launch/train.py", *args], cwd=REPO, env=env(),
@@ -231,10 +233,10 @@ def test_ctrl_c_checkpoints_at_the_next_step(shards, tmp_path):
     while not _metrics(out):
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, getattr(signal, sig))
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output[-3000:]
-    assert "stopping on signal SIGINT" in output and "Traceback" not in output
+    assert f"stopping on signal {sig}" in output and "Traceback" not in output
     tag = checkpoint.latest_tag(out)
     assert tag is not None and checkpoint.read_meta(out, tag)["step"] == _metrics(out)[-1]["step"]
 

@@ -74,16 +74,6 @@ def _prepare(cfg: Config, ds_config_path: str) -> Dict[str, Any]:
     return ds_raw
 
 
-@contextlib.contextmanager
-def _sigint_ignored():
-    """Processes started inside (data workers) inherit SIGINT ignored."""
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
-
-
 class Trainer:
     def __init__(self, cfg: Config, ds_raw: Dict[str, Any]):
         self.cfg = cfg
@@ -156,8 +146,8 @@ class Trainer:
         cfg = self.cfg
         # starting the loader draws its workers' base seed from the global RNG: keep that
         # draw out of the stream a resumed run restores (CFG dropout, sigmas, noise)
-        with torch.random.fork_rng(devices=[]), _sigint_ignored():
-            it = iter(self.loader)  # workers ignore Ctrl-C (the terminal signals them too)
+        with torch.random.fork_rng(devices=[]):
+            it = iter(self.loader)  # its workers ignore Ctrl-C / scancel (loader._ignore_stop_signals)
         sums: Dict[str, Any] = defaultdict(float)  # device tensors: no host sync per step
         counts: Dict[str, int] = defaultdict(int)
         window = {"time": 0.0, "wait": 0.0, "steps": 0}
@@ -172,6 +162,9 @@ class Trainer:
                 f"rank {self.rank}: step {self.step + 1}: a collective failed "
                 f"({str(exc).strip().splitlines()[0][:300]}); a rank died or stalled for "
                 f"dist.timeout_s={cfg.dist.timeout_s}") from None
+        finally:
+            from unilip_ds.data.loader import close_workers
+            close_workers(self.loader)
         self.tracker.log_summary(self.step, self.meter.summary(self.step - first))
         self.close()
 

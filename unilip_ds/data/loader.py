@@ -63,6 +63,31 @@ def describe_mix(sources: Sequence[SourceConfig], mix: str) -> List[str]:
     return lines
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """In each data worker, after torch installed its own handlers: Ctrl-C and Slurm's
+    scancel reach every process, and the trainer checkpoints before it stops; a worker
+    killed by them would end the run first. Workers still exit with their loader."""
+    import signal
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def close_workers(loader: StatefulDataLoader) -> None:
+    """Stop the loader's workers now. torchdata keeps the live iterator on the loader (for
+    state_dict), so it outlives the loop; at interpreter exit the loader does nothing and
+    multiprocessing terminates its daemonic children with SIGTERM, which they ignore, then
+    joins them: it would wait for ever. The workers leave on the loader's sentinel; one that
+    does not within its join timeout is killed."""
+    it = getattr(loader, "_iterator", None)
+    if it is None or not hasattr(it, "_shutdown_workers"):
+        return
+    it._shutdown_workers()
+    for w in getattr(it, "_workers", []):
+        if w.is_alive():
+            w.kill()
+            w.join()
+
+
 def build_train_loader(cfg, rank: int = 0, world_size: int = 1,
                        batch_size: Optional[int] = None) -> StatefulDataLoader:
     """The rank's infinite stream of task-homogeneous micro-batches.
@@ -91,6 +116,7 @@ def build_train_loader(cfg, rank: int = 0, world_size: int = 1,
             snapshot_every_n_steps=1,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=False,
+            worker_init_fn=_ignore_stop_signals if workers else None,
         )
 
 
