@@ -7,13 +7,15 @@ with one line naming it, never silently mixed with the trained weights.
 
 The digest of a source is sha256 over its files' names and their own sha256 (a directory
 counts its `*.safetensors` and `*.json` files, not recursively: what the loaders read), so a
-copy of the same files elsewhere has the same digest. Hashing reads every byte (a few GB at
-1b, about 1-2 s per GB and core). The file hashes are cached in the run dir, keyed by each
-file's (size, mtime_ns, ctime_ns, inode, device): every write to a file's data changes its
-ctime, which no user call can set back (utime sets mtime and atime only), and a file
-replaced by another has a new inode; so a file whose key is unchanged holds the bytes that
-were hashed, and a resume or an export rehashes nothing. A header + size + mtime digest
-would not do: an in-place edit that keeps the size, with the mtime put back, passes it.
+copy of the same files elsewhere has the same digest. Hashing reads every byte, once per run
+(files in parallel threads: gen_stage1's 3.5 GB of frozen weights at 1b in 2.8 s on 2 cores
+from the page cache; from a network filesystem at its read speed). The hashes are cached in
+the run dir, keyed by each file's (size, mtime_ns, ctime_ns, inode, device): every write to a
+file's data changes its ctime, which no user call can set back (utime sets mtime and atime
+only), and a file replaced by another has a new inode; so a file whose key is unchanged holds
+the bytes that were hashed, and a resume or an export rehashes nothing. A header + size +
+mtime digest would not do: an in-place edit that keeps the size, with the mtime put back,
+passes it.
 """
 
 from __future__ import annotations
