@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import shlex
+import statistics
 import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -69,3 +70,16 @@ def free_memory(*optimizers) -> None:
 def command(script: str, args: List[str]) -> str:
     """The command line that reproduces one figure (run from the repository root)."""
     return " ".join(shlex.quote(a) for a in [".venv/bin/python", script, *args])
+
+
+def step_row(base: dict, times: List[float], per_sample: float, batch: int, peak: Optional[float],
+             peak_src: str, trainable: int) -> dict:
+    """One timed configuration's figures: median step time, samples/s, achieved TFLOP/s and
+    MFU (the training's FLOP counter per sample x batch, against `peak`)."""
+    t = statistics.median(times)
+    flops = per_sample * batch
+    return {**base, "step_s": round(t, 4), "step_s_min": round(min(times), 4), "step_s_max": round(max(times), 4),
+            "samples_per_s": round(batch / t, 2), "gflops_per_step": round(flops / 1e9, 1),
+            "tflops_per_s": float(f"{flops / t / 1e12:.4g}"),
+            "mfu": round(flops / t / (peak * 1e12), 4) if peak else None, "peak_tflops": peak,
+            "peak_source": peak_src, "flops": flops, "trainable_params": trainable, "timed_steps": len(times)}

@@ -5,7 +5,7 @@ reproduces that figure alone.
 
     .venv/bin/python benchmarks/gen_step.py --flavor 1b --attn flash,sdpa --batch 32 --steps 6
     .venv/bin/python benchmarks/gen_step.py --flavor 1b --attn flash --grad-ckpt on,off --batch 32,64,128 --stop-at-oom
-    .venv/bin/python benchmarks/gen_step.py --flavor tiny --device cpu --dtype fp32 --batch 2 --steps 2
+    .venv/bin/python benchmarks/gen_step.py --flavor tiny --attn sdpa --device cpu --dtype fp32 --batch 2 --steps 2
 
 FLOPs are the project's count (unilip_ds.flops.gen_stage_flops: FlopCounterMode on the meta
 device over the run's own model and config, what a training run logs its MFU with; matmuls,
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -129,14 +128,7 @@ def run(args, impl: str, ckpt: bool, batches):
             if args.stop_at_oom:
                 break
             continue
-        t = statistics.median(times)
-        flops = per_sample * batch
-        row = {**base, "step_s": round(t, 4), "step_s_min": round(min(times), 4), "step_s_max": round(max(times), 4),
-               "samples_per_s": round(batch / t, 2), "gflops_per_step": round(flops / 1e9, 1),
-               "tflops_per_s": float(f"{flops / t / 1e12:.4g}"),
-               "mfu": round(flops / t / (peak * 1e12), 4) if peak else None, "peak_tflops": peak,
-               "peak_source": peak_src, "flops": flops, "trainable_params": sum(p.numel() for p in params),
-               "timed_steps": len(times)}
+        row = bench_util.step_row(base, times, per_sample, batch, peak, peak_src, sum(p.numel() for p in params))
         if cuda:
             row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
             row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2 ** 30, 2)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -141,13 +140,7 @@ def main() -> int:
             if args.stop_at_oom:
                 break
             continue
-        t = statistics.median(times)
-        flops = per_sample * batch
-        row = {**base, "step_s": round(t, 4), "step_s_min": round(min(times), 4), "step_s_max": round(max(times), 4),
-               "samples_per_s": round(batch / t, 2), "gflops_per_step": round(flops / 1e9, 1),
-               "tflops_per_s": float(f"{flops / t / 1e12:.4g}"),
-               "mfu": round(flops / t / (peak * 1e12), 4) if peak else None, "peak_tflops": peak,
-               "peak_source": peak_src, "flops": flops, "trainable_params": trainable, "timed_steps": len(times)}
+        row = bench_util.step_row(base, times, per_sample, batch, peak, peak_src, trainable)
         if cuda:
             row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
             row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2 ** 30, 2)

@@ -13,10 +13,16 @@ alignment for the query pass over the prefix K/V) and the project's mask / `is_c
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from tests import flash_standin as FS
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from flash_agree import condition_path  # noqa: E402
 
 CAPTIONS = ["a cat sitting on a wooden table in the warm afternoon sun", None]
 EDITS = ["flip the image horizontally and make it brighter please", None]
@@ -114,30 +120,14 @@ def _set_impl(m, impl: str) -> None:
 def _run(task, m, kind, texts, images, refs):
     """Everything the condition path computes, at real positions only, and the gradients of
     a loss on every real connector output w.r.t. the query pass's output, the queries and the
-    connector's weights (through the checkpointed recompute)."""
+    connector's weights (through the checkpointed recompute): the GPU check's
+    flash_agree.condition_path, on a padded batch of mixed prompt lengths."""
     prompts = task.prompts()(kind, texts)
     assert len(set(prompts.lengths)) == len(texts)  # really padded, mixed lengths
-    out = {}
-    m.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        feats = m.image_features(refs) if refs is not None else None
-        state = m.prefix(prompts, feats)
-    mask = state.mask
-    out["prefix.hidden"] = state.hidden[mask]
-    for i, (k, v) in enumerate(state.kv):
-        out[f"prefix.k{i}"], out[f"prefix.v{i}"] = k.transpose(1, 2)[mask], v.transpose(1, 2)[mask]
-    if feats is not None:
-        out["ref_features"] = feats
-    hidden, full, pos = m.llm_hidden(state)
-    hidden.retain_grad()
-    enc = m.connector(hidden, full, pos)
-    out["query.hidden"], out["connector.out"] = hidden[full], enc[full]
-    weights = torch.randn(enc.shape, generator=torch.Generator().manual_seed(1))
-    (enc * weights)[full].sum().backward()
-    out["grad.query_hidden"] = hidden.grad[full]
-    for n, p in m.named_parameters():
-        if p.grad is not None:
-            out[f"grad.{n}"] = p.grad.clone()
+    width = prompts.mask.shape[1] + m.connector.config.num_queries
+    weights = torch.randn(len(texts), width, m.connector.config.caption_channels,
+                          generator=torch.Generator().manual_seed(1))
+    out = condition_path(m, prompts, refs, weights)
     assert "grad.connector.queries.weight" in out and "grad.connector.layers.0.self_attn.q_proj.weight" in out
     return out
 
