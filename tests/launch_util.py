@@ -33,7 +33,7 @@ def tiny_recon_args(out: Path, shards: str, steps: int = 4, ds: str = "ds_config
             f"run.output_dir={out}", f"data.train.urls=[{shards}]", "data.num_workers=1",
             "data.shuffle_buffer=8", "data.resolution=224",
             f"train.max_steps={steps}", "train.micro_batch_size=2", "train.log_every=1",
-            "optim.warmup_steps=2", "checkpoint.every_steps=2", "wandb.mode=offline"], extra or [])
+            "optim.warmup_steps=2", "checkpoint.every_steps=2", "wandb.mode=disabled"], extra or [])
 
 
 def with_overrides(args: List[str], extra: List[str]) -> List[str]:
@@ -80,7 +80,7 @@ def tiny_gen_args(out: Path, stage: str, assets, t2i: str, edit: Optional[str] =
     SANA / DC-AE directories, later stages from `init_from` (a gen export) on T2I + edit."""
     args = ["--config", stage, "--ds_config", ds, f"run.output_dir={out}", "data.num_workers=1",
             "data.shuffle_buffer=8", f"train.max_steps={steps}", "train.micro_batch_size=2",
-            "train.log_every=1", "optim.warmup_steps=2", "checkpoint.every_steps=2", "wandb.mode=offline",
+            "train.log_every=1", "optim.warmup_steps=2", "checkpoint.every_steps=2", "wandb.mode=disabled",
             "train.precision=fp32"]
     if stage == "gen_stage1":
         args += assets.overrides("dcae") + [f"data.train.urls=[{t2i}]"]
@@ -89,3 +89,17 @@ def tiny_gen_args(out: Path, stage: str, assets, t2i: str, edit: Optional[str] =
                  "data.train.sources=[{name: t2i, task: t2i, weight: 0.5, urls: [%s]}, "
                  "{name: edit, task: edit, weight: 0.5, urls: [%s]}]" % (t2i, edit)]
     return with_overrides(args, list(extra or []))
+
+
+def start_error(args, capsys) -> str:
+    """launch/train.py's main in this process (the same code as the command, without the
+    seconds of a fresh interpreter's imports); returns the single stderr line it printed,
+    after checking exit code 2, no traceback and nothing else on stderr."""
+    from launch.train import main
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), (rc, err)
+    assert "Traceback" not in err
+    return lines[0]

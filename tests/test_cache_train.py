@@ -209,7 +209,7 @@ def test_runs_on_caches_match_the_live_run_also_across_a_resume(gen_assets, samp
         return check(run("launch/train.py", [
             "--config", "gen_stage2", "--ds_config", f"ds_configs/{zero}.json", f"run.output_dir={out}",
             "data.num_workers=1", "data.shuffle_buffer=8", "train.max_steps=4", "train.micro_batch_size=2",
-            "train.log_every=1", "optim.warmup_steps=2", "wandb.mode=offline", "train.precision=fp32",
+            "train.log_every=1", "optim.warmup_steps=2", "wandb.mode=disabled", "train.precision=fp32",
             "data.log_keys=true", "run.seed=3", *gen_assets.overrides(),
             _sources(sample_shards, sample_edit_shards, caches, cached), *extra], nproc=2, launcher="torchrun"))
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.launch_util import REPO, env, run, with_overrides
+from tests.launch_util import REPO, env, run, start_error, with_overrides
 
 
 def _unwritable_parent(tmp_path: Path) -> Path:
@@ -32,18 +32,6 @@ def _unwritable_parent(tmp_path: Path) -> Path:
     d.mkdir()
     d.chmod(0o555)
     return d
-
-
-def _main(args, capsys) -> str:
-    """launch/train.py's main in this process (the same code as the command); returns the
-    single stderr line it printed, after checking exit code 2 and nothing else on stderr."""
-    from launch.train import main
-    rc = main([str(a) for a in args])
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), (rc, err)
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def _one_line(proc: subprocess.CompletedProcess) -> str:
@@ -132,10 +120,10 @@ def test_gen_weight_dirs_are_checked_inside(gen_assets, sample_shards, tmp_path,
     cases.append(({"dcae_path": dcae}, f"config key 'model.dcae_path': {dcae}: 1 missing keys (e.g. ['{key}']) "
                   "(expected a diffusers AutoencoderDC directory"))
     for paths, expect in cases:
-        line = _main(_gen1(gen_assets, sample_shards, out, **paths), capsys)
+        line = start_error(_gen1(gen_assets, sample_shards, out, **paths), capsys)
         assert line.startswith("error: config key ") and expect in line, (expect, line)
     # a recon export given as gen_stage2's model.init_from names the key it belongs to
-    line = _main(["--config", "gen_stage2", "model.flavor=tiny", f"model.init_from={gen_assets.recon}",
+    line = start_error(["--config", "gen_stage2", "model.flavor=tiny", f"model.init_from={gen_assets.recon}",
                   f"run.output_dir={out}", f"data.train.urls=[{sample_shards.dir}]"], capsys)
     assert "it is a recon export: give it as model.unilip_path" in line
     assert not out.exists()
@@ -147,10 +135,10 @@ def test_recon_weight_files_are_checked_inside(gen_assets, sample_shards, tmp_pa
     out = tmp_path / "run"
     empty = tmp_path / "empty"
     empty.mkdir()
-    line = _main(_recon(sample_shards, out, "recon_stage1", f"model.internvl_path={empty}",
+    line = start_error(_recon(sample_shards, out, "recon_stage1", f"model.internvl_path={empty}",
                         f"model.dcae_path={gen_assets.dcae}"), capsys)
     assert f"config key 'model.internvl_path': {empty}: no config.json (expected an InternVL3 directory" in line
-    line = _main(_recon(sample_shards, out, "recon_stage1", f"model.internvl_path={gen_assets.internvl}",
+    line = start_error(_recon(sample_shards, out, "recon_stage1", f"model.internvl_path={gen_assets.internvl}",
                         f"model.dcae_path={gen_assets.sana / 'transformer'}"), capsys)
     assert "config key 'model.dcae_path'" in line and "describes 'SanaTransformer2DModel', not AutoencoderDC" in line
     # a stage-1 export without decoder weights given to stage 2
@@ -158,11 +146,11 @@ def test_recon_weight_files_are_checked_inside(gen_assets, sample_shards, tmp_pa
     shutil.copytree(gen_assets.recon, export)
     for f in (export / "decoder").glob("*.safetensors"):
         f.unlink()
-    line = _main(_recon(sample_shards, out, "recon_stage2", f"model.init_from={export}",
+    line = start_error(_recon(sample_shards, out, "recon_stage2", f"model.init_from={export}",
                         f"recon.teacher_path={gen_assets.recon}"), capsys)
     assert f"config key 'model.init_from': no *.safetensors weights in {export / 'decoder'}" in line
     # the self-distillation teacher: an empty folder
-    line = _main(_recon(sample_shards, out, "recon_stage2", f"model.init_from={gen_assets.recon}",
+    line = start_error(_recon(sample_shards, out, "recon_stage2", f"model.init_from={gen_assets.recon}",
                         f"recon.teacher_path={empty}"), capsys)
     assert f"config key 'recon.teacher_path': {empty}: no config.json" in line
     # perceptual files: each checked against its network, the failing one named
@@ -178,10 +166,10 @@ def test_recon_weight_files_are_checked_inside(gen_assets, sample_shards, tmp_pa
     perceptual = ["model.perceptual_pretrained=true"] + [f"model.{k}={v}" for k, v in files.items()]
     args = _recon(sample_shards, out, "recon_stage1", f"model.internvl_path={gen_assets.internvl}",
                   f"model.dcae_path={gen_assets.dcae}")
-    line = _main([a for a in args if "perceptual_pretrained" not in a] + perceptual, capsys)
+    line = start_error([a for a in args if "perceptual_pretrained" not in a] + perceptual, capsys)
     assert f"config key 'model.convnext_path': ConvNeXt-S {files['convnext_path']}: 1 missing keys" in line
     files["lpips_path"].write_bytes(b"not a torch file")
-    line = _main([a for a in args if "perceptual_pretrained" not in a] + perceptual, capsys)
+    line = start_error([a for a in args if "perceptual_pretrained" not in a] + perceptual, capsys)
     assert line == (f"error: config key 'model.lpips_path': {files['lpips_path']} is not a state-dict file "
                     "torch.load(weights_only=True) reads (UnpicklingError) (expected the LPIPS head (lpips "
                     "weights/v0.1/vgg.pth))")
@@ -224,7 +212,7 @@ def test_an_unwritable_or_impossible_output_dir_is_one_line(sample_shards, tmp_p
     assert not out.exists()
     afile = tmp_path / "afile"
     afile.write_text("x")
-    line = _main(_recon(sample_shards, afile / "run", "recon_stage1"), capsys)
+    line = start_error(_recon(sample_shards, afile / "run", "recon_stage1"), capsys)
     assert line.startswith(f"error: config key 'run.output_dir': {afile / 'run'}: {afile} is a file, not a directory")
     assert afile.read_text() == "x" and not list(tmp_path.glob(".unilip_probe-*"))
 
@@ -257,13 +245,13 @@ def test_an_image_given_as_a_shard_is_one_line(sample_shards, tmp_path, capsys):
     jpg = tmp_path / "photo.jpg"
     Image.new("RGB", (8, 8)).save(jpg)
     out = tmp_path / "run"
-    line = _main(_recon(sample_shards, out, "recon_stage1", f"data.train.urls=[{jpg}]"), capsys)
+    line = start_error(_recon(sample_shards, out, "recon_stage1", f"data.train.urls=[{jpg}]"), capsys)
     assert line.startswith(f"error: shard spec {jpg}: {jpg} is not a .tar shard; name webdataset shards"), line
     src = f"data.train.sources=[{{name: a, urls: [{sample_shards.dir}]}}, {{name: b, urls: ['{tmp_path}/*.jpg']}}]"
     args = [a for a in _recon(sample_shards, out, "recon_stage1") if not a.startswith("data.train.urls")]
-    line = _main(args + [src], capsys)
+    line = start_error(args + [src], capsys)
     assert "matches no *.tar shards" in line  # a glob only ever picks shards
-    line = _main(args + [f"data.train.sources=[{{name: b, urls: ['{tmp_path}/photo.{{jpg,jpg}}']}}]"], capsys)
+    line = start_error(args + [f"data.train.sources=[{{name: b, urls: ['{tmp_path}/photo.{{jpg,jpg}}']}}]"], capsys)
     assert "is not a .tar shard" in line
     assert not out.exists()
 
@@ -283,7 +271,7 @@ def test_s3_without_credentials_fails_at_once_naming_the_variables(s3_sample_sha
                   f"data.s3_endpoint={seaweed.endpoint}", "data.s3_region=us-east-1")
     t0 = time.time()
     try:
-        line = _main(args, capsys)
+        line = start_error(args, capsys)
     finally:
         storage.reset_filesystems()
     took = time.time() - t0
@@ -298,7 +286,7 @@ def test_s3_without_credentials_fails_at_once_naming_the_variables(s3_sample_sha
 # ---------------------------------------------------------------------------------------
 def test_a_key_typo_is_one_line_with_the_nearest_key(tmp_path, capsys):
     out = tmp_path / "run"
-    line = _main(["--config", "recon_stage1", "optim.learning_rate=1e-4", f"run.output_dir={out}"], capsys)
+    line = start_error(["--config", "recon_stage1", "optim.learning_rate=1e-4", f"run.output_dir={out}"], capsys)
     assert line == "error: config key 'optim.learning_rate': unknown key; did you mean 'optim.lr'?"
     assert not out.exists()
 

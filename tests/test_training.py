@@ -31,7 +31,7 @@ def test_zero2_deepspeed_launcher_bf16_and_export(shards, tmp_path):
     out = tmp_path / "run"
     check(run("launch/train.py", tiny_recon_args(out, shards, steps=4, ds="ds_configs/zero2.json",
                                                  extra=["checkpoint.keep_last=1", "train.grad_accum=2",
-                                                        "data.log_keys=true"]),
+                                                        "data.log_keys=true", "wandb.mode=offline"]),
               nproc=2, launcher="deepspeed"))
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -71,7 +71,7 @@ def test_zero2_deepspeed_launcher_bf16_and_export(shards, tmp_path):
 
 def _resume_args(out, shards, extra=()):
     return tiny_recon_args(out, shards, steps=4, ds="ds_configs/zero3.json",
-                           extra=["train.precision=fp32", "data.log_keys=true", *extra])
+                           extra=["train.precision=fp32", "data.log_keys=true", "wandb.mode=offline", *extra])
 
 
 def test_zero3_resume_is_bit_identical(shards, tmp_path):
@@ -85,6 +85,7 @@ def test_zero3_resume_is_bit_identical(shards, tmp_path):
     (partial / "model").mkdir(parents=True)
     (partial / "rank00000.pt").write_bytes(b"truncated")
     run_id = checkpoint.read_meta(split, "step_00000002")["wandb_run_id"]
+    assert run_id  # W&B offline: the id that the resumed run must continue
     proc = check(run("launch/train.py", _resume_args(split, shards), nproc=2, launcher="torchrun"))
     assert "resumed from" in proc.stdout and "step_00000002" in proc.stdout
 
