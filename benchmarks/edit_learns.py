@@ -5,6 +5,10 @@
            PSNR of the sampled latents against the target latents, of copying the input's
            latent (the copy baseline), and of the same model's samples with the reference
            image zeroed (what the model makes without the image); the decoded images too.
+  heldout  (in process) generalisation: edits (or T2I) trained on `--count` synthetic shape
+           scenes or photo variants, applied to held-out ones (another seed). Printed: the
+           output's PSNR against the true target and against the input, the copy baseline,
+           the latent ceiling; for T2I, the caption's samples against the caption dropped.
   export   a gen export (e.g. the demo's gen_stage2): held-out images edited, PSNR of the
            output against the true target and against the input, and the copy baseline
            (input vs target); T2I from held-out captions against the same seeds with the
@@ -18,6 +22,7 @@ minutes-trained tiny UniLIP needs ~100); `--latent-scale auto` sets 1 / std of t
 latents, as the reference derived its factor for its UniLIP.
 
     .venv/bin/python benchmarks/edit_learns.py overfit [--pairs 4 --steps 600 --lr 2e-3]
+    .venv/bin/python benchmarks/edit_learns.py heldout --edits colours --count 2000 --steps 1500 --lr 1e-3
     .venv/bin/python benchmarks/edit_learns.py export --ckpt demo_out/exports/gen_stage2 \\
         --edits demo_out/images/edit/heldout/edits.json
 """
@@ -203,37 +208,36 @@ def build_tiny(root: Path, latent_scale: Optional[str] = "auto", extra: Sequence
     return task, modules[MAIN]
 
 
-def edit_pairs(data: str, count: int, seed: int):
+def edit_pairs(data: str, count: int, seed: int, edits: str = "flips"):
     """(inputs, instructions, outputs) as PIL lists: `count` training pairs and the held-out
-    ones. photos: the bundled photos' variants, "flip the image horizontally", the demo's
-    held-out photos left out; shapes: synthetic scenes (shape_samples; held out = another
-    seed), each flipped horizontally or upside down by a seeded draw (FLIP_EDITS), so the
-    instruction decides the edit."""
+    ones, each pair's edit drawn (seeded) from the edit set `edits` (sample_images.EDIT_SETS:
+    flips or colours), so the instruction decides the edit. photos: the bundled photos'
+    variants, the demo's held-out photos left out; shapes: synthetic scenes (shape_samples;
+    held out = another seed)."""
     import random
-    from PIL import ImageOps
-    from unilip_ds.data.sample_images import FLIP_EDITS, PHOTOS, load_photo, samples, shape_samples
+    from unilip_ds.data.sample_images import EDIT_SETS, PHOTOS, load_photo, samples, shape_samples
     if data == "photos":
         held = ("chelsea", "coffee", "astronaut")
-        train = [s_.image for s_ in samples(count) if s_.key.split("_")[0] not in held]
-        test = [load_photo(n) for n, _ in PHOTOS if n.split(".")[0] in held]
-        flip = lambda ims: (ims, [FLIP] * len(ims), [ImageOps.mirror(i) for i in ims])  # noqa: E731
-        return flip(train), flip(test)
-    out = []
-    for part, n in ((seed, count), (seed + 1000, 16)):
+        parts = [(seed, [s_.image for s_ in samples(count) if s_.key.split("_")[0] not in held]),
+                 (seed + 1000, [load_photo(n) for n, _ in PHOTOS if n.split(".")[0] in held])]
+    else:
+        parts = [(part, [s_.image for s_ in shape_samples(n, seed=part)])
+                 for part, n in ((seed, count), (seed + 1000, 16))]
+    out, options = [], EDIT_SETS[edits]
+    for part, ims in parts:
         pick = random.Random(f"edit-pairs-{part}")
-        ims = [s_.image for s_ in shape_samples(n, seed=part)]
-        edits = [FLIP_EDITS[pick.randrange(len(FLIP_EDITS))] for _ in ims]
-        out.append((ims, [e[0] for e in edits], [e[1](im) for e, im in zip(edits, ims)]))
+        chosen = [options[pick.randrange(len(options))] for _ in ims]
+        out.append((ims, [e[0] for e in chosen], [e[1](im) for e, im in zip(chosen, ims)]))
     return out[0], out[1]
 
 
 def heldout_edit(task, model, data: str, count: int, steps: int, lr: float, batch: int = 8, seed: int = 0,
-                 sample_steps: int = 20, guidance: float = 1.0, log=None) -> Dict[str, float]:
+                 sample_steps: int = 20, guidance: float = 1.0, log=None, edits: str = "flips") -> Dict[str, float]:
     """Generalisation: edits trained on `count` pairs (random minibatches; edit_pairs), then
     applied to held-out inputs. Image PSNR of the output against the true target and against
     the input, and the copy baseline (input vs target); the same in latent space."""
     from unilip_ds.models.generator import PrefixState
-    (tr_in, tr_text, tr_out), (te_in, te_text, te_out) = edit_pairs(data, count, seed)
+    (tr_in, tr_text, tr_out), (te_in, te_text, te_out) = edit_pairs(data, count, seed, edits)
     r = model.resolution
     x_in, x_out = to_tensor(tr_in, r), to_tensor(tr_out, r)
     e_in, e_out = to_tensor(te_in, r), to_tensor(te_out, r)
@@ -350,6 +354,8 @@ def main(argv=None) -> int:
     h.add_argument("--recon", default=None, help="a recon export (e.g. the demo's recon_stage2); default: random")
     h.add_argument("--internvl", default=None, help="the InternVL3 directory the recon encoder came from")
     h.add_argument("--data", choices=("shapes", "photos"), default="shapes")
+    h.add_argument("--edits", choices=("flips", "colours"), default="flips",
+                   help="the edit set (sample_images.EDIT_SETS): flips move the layout, colours keep it")
     h.add_argument("--task", choices=("edit", "t2i"), default="edit", help="t2i: shapes' captions -> scenes")
     h.add_argument("--count", type=int, default=200)
     h.add_argument("--steps", type=int, default=1500)
@@ -389,12 +395,12 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(args.assets or tmp)
             task, model = build_tiny(root, "auto", args.extra, recon=args.recon, internvl=args.internvl)
-            model.latent_scale = latent_scale_for(model, to_tensor(edit_pairs(args.data, 64, 0)[0][2], model.resolution))
+            model.latent_scale = latent_scale_for(model, to_tensor(edit_pairs(args.data, 64, 0, args.edits)[0][2], model.resolution))
             print(f"heldout: latent scale {model.latent_scale:g}", flush=True)
             say = lambda s: print(s, flush=True)  # noqa: E731
             if args.task == "edit":
                 res = heldout_edit(task, model, args.data, args.count, args.steps, args.lr, args.batch,
-                                   guidance=args.guidance, log=say)
+                                   guidance=args.guidance, log=say, edits=args.edits)
             else:
                 res = heldout_t2i(task, model, args.count, args.steps, args.lr, args.batch, guidance=args.guidance,
                                   log=say)

@@ -1,7 +1,8 @@
 """The main job on embedded defaults, on CPU, in about ten minutes:
 
   1. a small data set from scikit-image's bundled photos (captions written by hand) and a
-     deterministic edit set (each photo flipped horizontally or upside down), sharded by
+     deterministic edit set (each photo's colours inverted or turned black and white, the
+     instruction saying which), sharded by
      data_prep/shard_blip3o.py and shard_edit.py into a local S3 server (SeaweedFS);
   2. recon_stage1 -> recon_stage2 on the tiny flavor, 2 processes, read from S3,
      each stage exported and the next started from the export (EMA weights); each
@@ -111,10 +112,14 @@ GEN_COMMON = ["train.micro_batch_size=4", "train.precision=fp32", "train.log_eve
 
 
 def write_edit_images(dst: Path, count: int) -> None:
-    """Flip edits of the training photos (and their variants) and of the held-out photos."""
-    from unilip_ds.data.sample_images import write_flip_edit_folder
-    write_flip_edit_folder(dst / "train", count=count, keep=lambda s: s.key.split("_")[0] not in HELD_OUT)
-    write_flip_edit_folder(dst / "heldout", keep=lambda s: s.key.split("_")[0] in HELD_OUT)  # the originals
+    """Colour edits (COLOUR_EDITS) of the training photos (and their variants) and of the
+    held-out photos. Not flips: a tiny generator trained for CPU minutes learns an edit that
+    keeps the layout, not one that moves it (benchmarks/edit_learns.py, README)."""
+    from unilip_ds.data.sample_images import COLOUR_EDITS, write_flip_edit_folder
+    write_flip_edit_folder(dst / "train", count=count, edits=COLOUR_EDITS,
+                           keep=lambda s: s.key.split("_")[0] not in HELD_OUT)
+    write_flip_edit_folder(dst / "heldout", edits=COLOUR_EDITS,  # the originals
+                           keep=lambda s: s.key.split("_")[0] in HELD_OUT)
 
 
 def evals(run_dir: Path, key: str) -> list:
@@ -284,9 +289,9 @@ def main() -> int:
 
         # the tiny InternVL3 stand-in: the recon encoder starts from its vision path (a fixed
         # sin-cos position table, as a pretrained ViT has one) and the generator's LLM is its
-        from unilip_ds.data.sample_images import PHOTOS
+        from unilip_ds.data.sample_images import COLOUR_EDITS, PHOTOS
         from unilip_ds.models import tiny_assets as T
-        corpus = [c for _, c in PHOTOS] + ["flip the image horizontally", "turn the image upside down"]
+        corpus = [c for _, c in PHOTOS] + [instruction for instruction, _ in COLOUR_EDITS]
         internvl = T.save_tiny_internvl(out / "assets" / "internvl", corpus=corpus)
         common = ["model.flavor=tiny", "model.perceptual_pretrained=false", "data.num_workers=1",
                   "data.shuffle_buffer=64", "data.train.urls=[s3://demo/shards/train/]",

@@ -312,6 +312,24 @@ def test_flip_edit_folder_is_deterministic_and_exact(tmp_path):
     assert {r["instruction"] for r in only_h} == {"flip the image horizontally"}
 
 
+# ITU-R 601-2 luma, as PIL's "L" conversion documents it
+COLOURS = {"invert the colours": lambda a: 255.0 - a,
+           "make the image black and white": lambda a: (a @ [0.299, 0.587, 0.114])[..., None].repeat(3, -1)}
+
+
+def test_colour_edit_folder_is_exact_and_keeps_the_layout(tmp_path):
+    src = sample_images.write_flip_edit_folder(tmp_path / "a", count=24, size=32, seed=3,
+                                               edits=sample_images.COLOUR_EDITS)
+    records = json.loads(src.read_text())
+    assert {r["instruction"] for r in records} == set(COLOURS)
+    for r in records:
+        inp, out = (_rgb((src.parent / r[k]).read_bytes()) for k in ("input", "output"))
+        want = COLOURS[r["instruction"]](inp)
+        assert _psnr(out, want) > 30  # the edit, up to JPEG noise
+        if r["instruction"] == "invert the colours":  # (a grey photo is its own black and white)
+            assert _psnr(out, want) > _psnr(out, inp) + 3
+
+
 def test_flip_edit_folder_through_shard_edit_cli_and_decoder(tmp_path):
     import numpy as np
 

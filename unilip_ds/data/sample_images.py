@@ -8,9 +8,11 @@ benchmark (nothing can be downloaded here).
 - `write_edit_folder`: GPT-Image-Edit-style json + image folders whose edits are real
   (flip, grayscale, rotate, invert...) and whose instructions say what was done.
 - `write_flip_edit_folder`: the same layout with one simple, exactly learnable edit per
-  sample: "flip the image horizontally" (output = input mirrored) or "turn the image
-  upside down" (output = input flipped vertically), picked by a seeded draw per sample,
-  so a model must read the instruction (the generator demo's edit set).
+  sample, picked by a seeded draw per sample from an edit set, so a model must read the
+  instruction: FLIP_EDITS ("flip the image horizontally" / "turn the image upside down":
+  the layout moves) or COLOUR_EDITS ("invert the colours" / "make the image black and
+  white": every place keeps its place, its colour changes; the demo's edit set, the one a
+  tiny model learns in CPU minutes).
 
 `size` resamples every image to size x size (e.g. 1024 for the decode benchmark).
 """
@@ -24,7 +26,7 @@ import random
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageOps
 
@@ -72,6 +74,14 @@ FLIP_EDITS: Tuple[Tuple[str, Callable[[Image.Image], Image.Image]], ...] = (
     ("flip the image horizontally", ImageOps.mirror),
     ("turn the image upside down", ImageOps.flip),
 )
+
+# per-pixel edits: the output keeps the input's layout, so a small model that carries the
+# reference image through its condition can learn them (the tiny flavor does not learn flips)
+COLOUR_EDITS: Tuple[Tuple[str, Callable[[Image.Image], Image.Image]], ...] = (
+    ("invert the colours", ImageOps.invert),
+    ("make the image black and white", lambda im: ImageOps.grayscale(im).convert("RGB")),
+)
+EDIT_SETS = {"flips": FLIP_EDITS, "colours": COLOUR_EDITS}
 
 
 def photo_dir() -> Path:
@@ -244,15 +254,17 @@ def write_edit_folder(dst: os.PathLike, count: Optional[int] = None,
 def write_flip_edit_folder(dst: os.PathLike, count: Optional[int] = None,
                            size: Optional[int] = None, seed: int = 0,
                            vertical: bool = True, quality: int = 95,
-                           keep: Optional[Callable[[Sample], bool]] = None) -> Path:
-    """The demo's edit source, in write_edit_folder's layout (`edits.json` + `images/`,
-    read by data_prep/shard_edit.py --src dst): each output is its input flipped
-    horizontally ("flip the image horizontally") or, when `vertical`, for about half of
-    the samples, flipped vertically ("turn the image upside down"). The choice is a
-    draw seeded by `seed`, independent of the photo (its variants get either edit), so
-    only the instruction tells the two apart. Same arguments -> the same files. `keep`
-    selects samples (e.g. train / held-out photos). Returns the json path."""
-    edits = FLIP_EDITS if vertical else FLIP_EDITS[:1]
+                           keep: Optional[Callable[[Sample], bool]] = None,
+                           edits: Optional[Sequence[Tuple[str, Callable]]] = None) -> Path:
+    """A learnable edit source, in write_edit_folder's layout (`edits.json` + `images/`,
+    read by data_prep/shard_edit.py --src dst): each output is its input under one edit of
+    `edits` (default FLIP_EDITS: flipped horizontally, or, when `vertical`, for about half
+    of the samples, upside down). The choice is a draw seeded by `seed`, independent of
+    the photo (its variants get either edit), so only the instruction tells the edits
+    apart. Same arguments -> the same files. `keep` selects samples (e.g. train / held-out
+    photos). Returns the json path."""
+    if edits is None:
+        edits = FLIP_EDITS if vertical else FLIP_EDITS[:1]
     pick = random.Random(f"flip-edits-{seed}")
     items = ((s, *edits[pick.randrange(len(edits))]) for s in samples(count, size, seed))
     return _write_edits(dst, (it for it in items if keep is None or keep(it[0])), quality)
