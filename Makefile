@@ -26,8 +26,10 @@ OUT ?= demo_out
 demo: venv
 	$(PY) launch/demo.py --out $(OUT)
 
+# 2 workers, a whole file each (tests/conftest.py says why); TEST_WORKERS=0 runs in one process
+TEST_WORKERS ?= 2
 test: venv
-	$(PY) -m pytest -ra --durations=15 tests
+	$(PY) -m pytest -ra --durations=15 $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) tests
 
 # models, losses against their oracles, flash-attention on CPU, FLOP counts, configs, data
 # decoding and streaming: no training runs (measured: 134 tests, 3m04s wall and 77 s of CPU on

@@ -1,5 +1,11 @@
 """Suite-wide setup. The one-time costs (library imports, DeepSpeed's JIT build of its CPU
-comm op, cached in TORCH_EXTENSIONS_DIR) are paid here, once, and printed in the header."""
+comm op, cached in TORCH_EXTENSIONS_DIR) are paid here, once, and printed in the header.
+
+`make test` runs the suite on 2 pytest-xdist workers, a whole file per worker (`--dist
+loadfile`: a file's module fixtures, e.g. a trained chain, are built once): most tests wait on
+subprocesses (launcher start-up, gloo, the Slurm scheduler) for a large part of their time,
+which the other worker fills. Files that share one system resource stay in one file (the
+Slurm cluster: tests/test_slurm.py)."""
 
 import os
 import time
@@ -11,6 +17,24 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+# the files that take longest, first: under loadfile a worker takes the next file in
+# collection order, so a long file collected last would run alone at the end
+LONG_FILES_FIRST = ("test_gen_stages", "test_recon_stages", "test_fault_tolerance", "test_slurm",
+                    "test_training", "test_cache_train", "test_elastic", "test_eval_recon")
+
+
+def pytest_collection_modifyitems(config, items):
+    first = {name: i for i, name in enumerate(LONG_FILES_FIRST)}
+    items.sort(key=lambda item: first.get(Path(str(item.fspath)).stem, len(first)))  # stable
+
+
+def pytest_configure(config):
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:  # in-process tests take this worker's share of the cores, as ranks do
+        import torch
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
 
 
 def pytest_report_header(config):

@@ -274,45 +274,50 @@ def test_current_key_names_single_file_and_bf16(original, gen_assets, tmp_path):
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
 
 
-def _fails(args, match):
-    proc = run("-m", ["unilip_ds.models.convert_gen", *args])
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr and len(lines) == 1 and re.search(match, lines[0]), proc.stderr
+def _fails(capsys, args, match):
+    """convert_gen's main in process (the CLI's code without a fresh interpreter's imports):
+    exit code 2 and one stderr line matching `match`."""
+    from unilip_ds.models.convert_gen import main
+    capsys.readouterr()
+    rc = main(args)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert rc == 2, err[-3000:]
+    assert "Traceback" not in err and len(lines) == 1 and re.search(match, lines[0]), err
     return lines[0]
 
 
-def test_one_line_errors(original, converted, gen_assets, tmp_path):
+def test_one_line_errors(original, converted, gen_assets, tmp_path, capsys):
     task, model = original
     src, out, _ = converted
-    _fails(["--src", str(src), "--out", str(out)], r"--out .* exists and is not empty")
-    _fails(["--src", str(gen_assets.internvl), "--out", str(tmp_path / "a")],
+    _fails(capsys, ["--src", str(src), "--out", str(out)], r"--out .* exists and is not empty")
+    _fails(capsys, ["--src", str(gen_assets.internvl), "--out", str(tmp_path / "a")],
            r"not a reference UniLIP checkpoint \(config.json model_type 'internvl'")
-    _fails(["--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "a")], r"not a directory")
+    _fails(capsys, ["--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "a")], r"not a directory")
     tok = task.prompts().tokenizer
     sd = reference_state_dict(model, legacy=True)
     del sd["model.projector.bias"]
     bad = save_reference(tmp_path / "missing", model, tok, sd)
-    _fails(["--src", str(bad), "--out", str(tmp_path / "b")],
+    _fails(capsys, ["--src", str(bad), "--out", str(tmp_path / "b")],
            r"connector: 1 missing \(e\.g\. \['model\.projector\.bias'\]\)")
     sd = reference_state_dict(model, legacy=True)
     sd["model.latent_queries"] = sd["model.latent_queries"][:, :8]
     bad = save_reference(tmp_path / "shape", model, tok, sd)
-    _fails(["--src", str(bad), "--out", str(tmp_path / "c")], r"latent_queries has shape \(1, 8, 64\)")
+    _fails(capsys, ["--src", str(bad), "--out", str(tmp_path / "c")], r"latent_queries has shape \(1, 8, 64\)")
     sd = reference_state_dict(model, legacy=True)
     sd["model.something_else.weight"] = torch.zeros(2)
     bad = save_reference(tmp_path / "unknown", model, tok, sd)
-    _fails(["--src", str(bad), "--out", str(tmp_path / "d")], r"keys of no known part .*something_else")
+    _fails(capsys, ["--src", str(bad), "--out", str(tmp_path / "d")], r"keys of no known part .*something_else")
     assert not any((tmp_path / n).exists() for n in "abcd")
 
 
-def test_tokenizer_from_elsewhere(original, gen_assets, tmp_path):
+def test_tokenizer_from_elsewhere(original, gen_assets, tmp_path, capsys):
     """A checkpoint saved without its tokenizer: one error line naming --tokenizer, then the
     InternVL3 directory's tokenizer through --tokenizer."""
     from transformers import AutoTokenizer
     task, model = original
     src = save_reference(tmp_path / "src", model, None, reference_state_dict(model, legacy=True))
-    _fails(["--src", str(src), "--out", str(tmp_path / "a")], r"no tokenizer in .*pass --tokenizer")
+    _fails(capsys, ["--src", str(src), "--out", str(tmp_path / "a")], r"no tokenizer in .*pass --tokenizer")
     out = tmp_path / "out"
     summary = json.loads(check(run("-m", ["unilip_ds.models.convert_gen", "--src", str(src), "--out", str(out),
                                           "--tokenizer", str(gen_assets.internvl)])).stdout)

@@ -1,7 +1,8 @@
 """The sbatch templates and slurm/launch.sh on a real one-node Slurm cluster (slurmctld +
 slurmd as root, config and state in a temp dir): a stage runs to completion with 2 CPU
-processes; the time-limit warning (USR1 to the batch shell, as `--signal=B:USR1@N` sends it)
-makes the trainers checkpoint and exit, the job requeues itself and the next run resumes to
+processes, restarting a SIGKILLed rank in place (UNILIP_MAX_RESTARTS); the time-limit
+warning (USR1 to the batch shell, as `--signal=B:USR1@N` sends it) makes the trainers
+checkpoint and exit, the job requeues itself and the next run resumes to
 max_steps; the generator's stage 2 template trains T2I + edit from a gen_stage1 export,
 checkpoints, and its run exports as a UniLIPPipeline. The cluster fixture skips only where
 Slurm is not installed or cannot start. The gen templates ask for 2 nodes (the reference's
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+import psutil
 import pytest
 import torch
 
@@ -196,7 +198,8 @@ def stage_args(out: Path, shards: str, steps: int, extra: List[str]) -> List[str
 
 
 def metrics(out: Path) -> List[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    f = out / "metrics.jsonl"
+    return [json.loads(line) for line in f.read_text().splitlines()] if f.is_file() else []
 
 
 def readme_block(first: str, last: str) -> List[str]:
@@ -285,11 +288,28 @@ def test_train_py_uses_the_project_extension_cache_and_announces_the_op_build(tm
     assert on_gpu.stdout.splitlines() == [str(tmp_path / "none")], on_gpu.stderr
 
 
-def test_template_runs_a_stage_to_completion(cluster, shards, tmp_path):
+def test_template_runs_a_stage_and_restarts_a_killed_rank_in_place(cluster, shards, tmp_path):
+    """The recon template runs a stage to completion with 2 processes; with
+    UNILIP_MAX_RESTARTS=1, rank 1 SIGKILLed after step 3 is restarted by torchrun inside the
+    same job, the workers resume from step 2 and finish."""
     out, log = tmp_path / "run", tmp_path / "job.out"
     job = cluster.sbatch(SLURM / "train_recon_stage1.sh", [*CPU_OPTIONS, f"--output={log}"],
-                         stage_args(out, shards, 4, []), CPU_ENV)
-    info = cluster.wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 150, log)
+                         stage_args(out, shards, 4, []), {**CPU_ENV, "UNILIP_MAX_RESTARTS": "1"})
+    deadline = time.time() + 150
+    while not any(r["step"] == 3 for r in metrics(out)):
+        assert time.time() < deadline and cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), tail(log)
+        time.sleep(0.1)
+    victim = None
+    for p in psutil.process_iter():
+        try:
+            if str(out) in " ".join(p.cmdline()) and p.environ().get("RANK") == "1" and \
+                    "torch.distributed.run" in " ".join(p.parent().cmdline()):
+                victim = p
+        except psutil.Error:
+            continue
+    assert victim is not None
+    victim.kill()
+    info = cluster.wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 200, log)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", tail(log)
     # the template's own directives reached the scheduler
     assert info["JobName"] == "recon_stage1" and info["Requeue"] == "1"
@@ -298,8 +318,8 @@ def test_template_runs_a_stage_to_completion(cluster, shards, tmp_path):
     text = log.read_text()
     assert "node 0/1: 2 processes (0 GPUs" in text and f"master {cluster.node}:" in text
     assert "training exited with 0" in text
-    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
-    assert checkpoint.latest_tag(out) == "step_00000004"
+    assert text.count("resumed from") == 1 and "step_00000002 at step 2" in text, tail(log)
+    assert metrics(out)[-1]["step"] == 4 and checkpoint.latest_tag(out) == "step_00000004"
     meta = checkpoint.read_meta(out, "step_00000004")
     assert meta["world_size"] == 2 and meta["step"] == 4
 
