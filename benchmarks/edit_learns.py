@@ -8,7 +8,10 @@
   heldout  (in process) generalisation: edits (or T2I) trained on `--count` synthetic shape
            scenes or photo variants, applied to held-out ones (another seed). Printed: the
            output's PSNR against the true target and against the input, the copy baseline,
-           the latent ceiling; for T2I, the caption's samples against the caption dropped.
+           the latent ceiling, each also per instruction; whether the output follows the
+           input's layout (the inputs mirrored: output vs the mirrored output and vs the
+           unmirrored one); for T2I, the caption's samples against the caption dropped.
+           `--edits identity`: "keep the image as it is" (can the layout be copied at all?).
   export   a gen export (e.g. the demo's gen_stage2): held-out images edited, PSNR of the
            output against the true target and against the input, and the copy baseline
            (input vs target); T2I from held-out captions against the same seeds with the
@@ -223,7 +226,9 @@ def edit_pairs(data: str, count: int, seed: int, edits: str = "flips"):
     else:
         parts = [(part, [s_.image for s_ in shape_samples(n, seed=part)])
                  for part, n in ((seed, count), (seed + 1000, 16))]
-    out, options = [], EDIT_SETS[edits]
+    # identity: a diagnostic (the output must be the input: is the reference's layout routed
+    # to the output at all, whatever the edit?)
+    out, options = [], {**EDIT_SETS, "identity": (("keep the image as it is", lambda im: im),)}[edits]
     for part, ims in parts:
         pick = random.Random(f"edit-pairs-{part}")
         chosen = [options[pick.randrange(len(options))] for _ in ims]
@@ -250,13 +255,38 @@ def heldout_edit(task, model, data: str, count: int, steps: int, lr: float, batc
         out = model.decode(z)
         zt, zi = model.target_latent(e_out), model.target_latent(e_in)
         rec_t = model.decode(zt)
+        # does the output follow the reference's layout? The held-out inputs mirrored: an
+        # edit that carries the layout mirrors its output (close to the mirrored output),
+        # one that reads only what the reference holds, not where, gives the same output
+        # (close to the unmirrored one). (Permuting the reference's tokens tells nothing:
+        # each token carries its position in its features, cross-attention sees a set.)
+        # Another seed's samples: how far the noise alone moves the output.
+        z_flip = sample_latents(model, builder, "edit", te_text, e_in.flip(-1), steps=sample_steps,
+                                guidance=guidance, seed=seed)
+        z_seed = sample_latents(model, builder, "edit", te_text, e_in, steps=sample_steps, guidance=guidance,
+                                seed=seed + 100)
     peak = float(zt.max() - zt.min())
-    return {"train_pairs": len(tr_in), "heldout_pairs": len(te_in), "psnr_vs_target": psnr(out, e_out),
+    # per instruction: which edits are learnt (e.g. black and white keeps the layout's
+    # luminance, inversion must move every colour)
+    per = {}
+    for text in sorted(set(te_text)):
+        i = torch.tensor([t == text for t in te_text])
+        per[text] = {"n": int(i.sum()), "psnr_vs_target": psnr(out[i], e_out[i]),
+                     "psnr_vs_input": psnr(out[i], e_in[i]),
+                     "psnr_copy": psnr(e_in[i], e_out[i]), "latent_psnr_vs_target": psnr(z[i], zt[i], peak),
+                     "latent_psnr_vs_input": psnr(z[i], zi[i], peak), "latent_psnr_copy": psnr(zi[i], zt[i], peak),
+                     "latent_psnr_global_only": psnr(zt[i].mean((2, 3), keepdim=True).expand_as(zt[i]), zt[i], peak)}
+    return {"train_pairs": len(tr_in), "heldout_pairs": len(te_in), "per_instruction": per,
+            "psnr_vs_target": psnr(out, e_out),
             "psnr_vs_input": psnr(out, e_in), "psnr_copy": psnr(e_in, e_out), "psnr_recon_target": psnr(rec_t, e_out),
             "latent_psnr_vs_target": psnr(z, zt, peak), "latent_psnr_vs_input": psnr(z, zi, peak),
             "latent_psnr_copy": psnr(zi, zt, peak),
             # what knowing only each target's spatial mean (its colours, not its layout) gives
             "latent_psnr_global_only": psnr(zt.mean((2, 3), keepdim=True).expand_as(zt), zt, peak),
+            "latent_psnr_mirrored_input_output_vs_output_mirrored": psnr(z_flip, z.flip(-1), peak),
+            "latent_psnr_mirrored_input_output_vs_output": psnr(z_flip, z, peak),
+            "latent_psnr_target_mirrored_vs_target": psnr(zt.flip(-1), zt, peak),
+            "latent_psnr_output_vs_other_seed_output": psnr(z, z_seed, peak),
             "loss_last": float(np.mean(losses[-50:])), "train_s": time.time() - t0,
             "latent_scale": float(model.latent_scale), "_out": out, "_in": e_in, "_target": e_out}
 
@@ -354,7 +384,7 @@ def main(argv=None) -> int:
     h.add_argument("--recon", default=None, help="a recon export (e.g. the demo's recon_stage2); default: random")
     h.add_argument("--internvl", default=None, help="the InternVL3 directory the recon encoder came from")
     h.add_argument("--data", choices=("shapes", "photos"), default="shapes")
-    h.add_argument("--edits", choices=("flips", "colours"), default="flips",
+    h.add_argument("--edits", choices=("flips", "colours", "identity"), default="flips",
                    help="the edit set (sample_images.EDIT_SETS): flips move the layout, colours keep it")
     h.add_argument("--task", choices=("edit", "t2i"), default="edit", help="t2i: shapes' captions -> scenes")
     h.add_argument("--count", type=int, default=200)

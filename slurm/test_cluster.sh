@@ -43,6 +43,13 @@ done
 [[ -f "$DIR/slurmctld.pid" ]] && kill -0 "$(cat "$DIR/slurmctld.pid")" 2>/dev/null &&
     die "a cluster is already running from $DIR (bash slurm/test_cluster.sh stop $DIR)"
 
+# slurmstepd binds a Unix socket DIR/spool/<node>_<job>.<step> (108 bytes at most): with a
+# longer DIR every job fails to start and is requeued, silently
+sock="$DIR/spool/localhost_4294967294.4294967291"
+(( ${#sock} < 108 )) || die "DIR $DIR is too long for slurmstepd's sockets (${#sock} > 107 characters under spool/); use a shorter one"
+# the CPUs this process may use (nproc alone would follow OMP_NUM_THREADS)
+cpus="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"
+
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 ctld_port="$(free_port)"
 slurmd_port="$(free_port)"
@@ -72,7 +79,7 @@ SlurmctldPidFile=$DIR/slurmctld.daemon.pid
 SlurmdPidFile=$DIR/slurmd.daemon.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
 SlurmdLogFile=$DIR/log/slurmd.log
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=$(nproc) State=UNKNOWN
+NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
 export SLURM_CONF="$CONF"
@@ -93,5 +100,5 @@ for _ in $(seq 100); do
     sleep 0.2
 done
 [[ "$(timeout 20 sinfo -h -o %t 2>/dev/null)" == idle ]] || die "the node did not become idle; see $DIR/log/"
-echo "test_cluster.sh: one node (localhost, $(nproc) CPUs, no GPUs), partition debug; logs in $DIR/log" >&2
+echo "test_cluster.sh: one node (localhost, $cpus CPUs, no GPUs), partition debug; logs in $DIR/log" >&2
 echo "export SLURM_CONF=$CONF"

@@ -1,5 +1,5 @@
 """The three generator stages as users chain them, 2 processes through launch/train.py and
-launch/export.py, on the tiny flavor from files in the real layouts:
+launch/export.py's export, on the tiny flavor from files in the real layouts:
 
     gen_stage1 (ZeRO-3, torchrun)  from InternVL3 -hf + recon export + SANA + DC-AE directories
       -> export (a UniLIPPipeline directory)
@@ -23,7 +23,7 @@ import torch
 
 from tests.launch_util import check, run, start_error, tiny_gen_args, with_overrides
 from unilip_ds.engine import checkpoint
-from unilip_ds.engine.export import consolidated
+from unilip_ds.engine.export import consolidated, export
 from unilip_ds.engine.weights import read_weights_dir
 from unilip_ds.models.gen_loading import mllm_state_dict
 
@@ -61,7 +61,7 @@ def chain(gen_assets, sample_shards, sample_edit_shards, tmp_path_factory):
                                                    init_from=init, extra=extra),
                   nproc=2, launcher=launcher))
         exports[stage] = root / f"{stage}_export"
-        check(run("launch/export.py", ["--run", str(out), "--out", str(exports[stage])]))
+        export(out, exports[stage])  # launch/export.py's function (the CLI: test_training)
         runs[stage] = out
         init = exports[stage]
     return runs, exports

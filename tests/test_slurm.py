@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -32,6 +33,7 @@ import torch
 from tests.launch_util import REPO, check, env, run, tiny_gen_args, tiny_recon_args
 from unilip_ds.engine import checkpoint
 from unilip_ds.engine.dist import free_port
+from unilip_ds.engine.export import export
 
 SLURM = REPO / "slurm"
 TEMPLATES = sorted(SLURM.glob("train_*.sh"))
@@ -228,7 +230,14 @@ def test_readme_test_cluster_commands_run_as_written(tmp_path):
         _skip("Slurm's Debian packages are not installed (as root: bash slurm/install_test_cluster.sh)")
     block = readme_block("bash slurm/install_test_cluster.sh", "bash slurm/test_cluster.sh stop")
     assert block[0].startswith("bash slurm/install_test_cluster.sh")  # installing is the fixture's job
-    folder = tmp_path / "cluster"
+    # a folder too long for slurmstepd's sockets is refused in one line, before any daemon starts
+    deep = tmp_path / ("x" * 60) / "cluster"
+    proc = subprocess.run(["bash", str(SLURM / "test_cluster.sh"), "start", str(deep)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert proc.stderr.startswith("test_cluster.sh: error: ") and "too long for slurmstepd's sockets" in proc.stderr
+    assert not (deep / "slurmctld.pid").exists()
+    folder = Path(tempfile.mkdtemp(prefix="unilip_slurm_"))  # short, as the README's /tmp/unilip_slurm
     script = []
     for line in block[1:]:
         line = line.replace("/tmp/unilip_slurm", str(folder))
@@ -249,15 +258,20 @@ def test_readme_test_cluster_commands_run_as_written(tmp_path):
         made = set((SLURM / "logs").glob("*.out")) - logs
         for f in made:  # the job's log, which the README's template writes under the repository
             f.unlink()
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out
-    job = re.search(r"^job=(\d+)$", proc.stdout, re.M).group(1)
-    assert len(made) == 1 and next(iter(made)).name == f"recon_stage1-{job}.out", made
-    assert re.search(rf"^\s+{job}\s+debug\s+recon_st", proc.stdout, re.M), out  # squeue's row
-    assert "node 0/1: 2 processes (0 GPUs" in out and "training exited with 0" in out
-    assert "JobState=COMPLETED" in out and "ExitCode=0:0" in out
-    assert checkpoint.latest_tag(folder / "run") == "step_00000010"
-    assert "stopped the cluster" in out and not (folder / "slurmctld.pid").exists()
+    try:
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out
+        job = re.search(r"^job=(\d+)$", proc.stdout, re.M).group(1)
+        assert len(made) == 1 and next(iter(made)).name == f"recon_stage1-{job}.out", made
+        assert re.search(rf"^\s+{job}\s+debug\s+recon_st", proc.stdout, re.M), out  # squeue's row
+        cpus = len(os.sched_getaffinity(0))  # the machine's, though OMP_NUM_THREADS=1 here
+        assert f"one node (localhost, {cpus} CPUs" in out
+        assert "node 0/1: 2 processes (0 GPUs" in out and "training exited with 0" in out
+        assert "JobState=COMPLETED" in out and "ExitCode=0:0" in out
+        assert checkpoint.latest_tag(folder / "run") == "step_00000010"
+        assert "stopped the cluster" in out and not (folder / "slurmctld.pid").exists()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_train_py_uses_the_project_extension_cache_and_announces_the_op_build(tmp_path):
@@ -396,7 +410,7 @@ def gen_stage1_export(gen_assets, sample_shards, tmp_path_factory) -> Path:
     check(run("launch/train.py", tiny_gen_args(out, "gen_stage1", gen_assets, sample_shards.dir, steps=2,
                                                ds="ds_configs/zero2.json",
                                                extra=["wandb.mode=disabled"])))
-    check(run("launch/export.py", ["--run", str(out), "--out", str(exp)]))
+    export(out, exp)  # launch/export.py's function (the CLI: test_training)
     return exp
 
 
@@ -429,7 +443,7 @@ def test_gen_stage2_template_trains_checkpoints_and_exports(cluster, gen_assets,
     sources = {s["name"]: (s["task"], s["urls"]) for s in cfg["data"]["train"]["sources"]}
     assert sources == {"t2i": ("t2i", [sample_shards.dir]), "edit": ("edit", [sample_edit_shards.dir])}
 
-    check(run("launch/export.py", ["--run", str(out), "--out", str(exp)]))
+    export(out, exp)
     pipe = UniLIPPipeline.from_pretrained(str(exp))
     assert type(pipe) is UniLIPPipeline
     # stage 2 trains the DiT it took from the stage-1 export
