@@ -21,8 +21,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # the files that take longest, first: under loadfile a worker takes the next file in
 # collection order, so a long file collected last would run alone at the end
-LONG_FILES_FIRST = ("test_gen_stages", "test_recon_stages", "test_fault_tolerance", "test_slurm",
-                    "test_training", "test_cache_train", "test_elastic", "test_eval_recon")
+# (measured one by one; the rest take < 35 s each)
+LONG_FILES_FIRST = ("test_fault_tolerance", "test_gen_stages", "test_recon_stages", "test_slurm",
+                    "test_training", "test_elastic", "test_cache_train", "test_eval_recon", "test_cache_build",
+                    "test_lean_checkpoints", "test_tracking", "test_convert_gen", "test_edit_learns")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -11,7 +11,7 @@ import torch
 from tests.launch_util import check, run, start_error, tiny_recon_args
 from unilip_ds.config import from_dict
 from unilip_ds.engine import checkpoint
-from unilip_ds.engine.export import consolidated
+from unilip_ds.engine.export import consolidated, export
 from unilip_ds.tasks.base import MAIN, build_task
 
 
@@ -27,7 +27,7 @@ def _metrics(out: Path):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_zero2_deepspeed_launcher_bf16_and_export(shards, tmp_path):
+def test_zero2_deepspeed_launcher_bf16_and_export(shards, tmp_path, capsys):
     out = tmp_path / "run"
     check(run("launch/train.py", tiny_recon_args(out, shards, steps=4, ds="ds_configs/zero2.json",
                                                  extra=["checkpoint.keep_last=1", "train.grad_accum=2",
@@ -47,9 +47,13 @@ def test_zero2_deepspeed_launcher_bf16_and_export(shards, tmp_path):
     assert list((out / "wandb").glob("offline-run-*"))
 
     # export -> reload through model.init_from's path equals the live (checkpointed) weights
+    # (the EMA export through the CLI, the raw one through its function in process)
     for ema in (True, False):
         exp = tmp_path / f"export_ema{ema}"
-        check(run("launch/export.py", ["--run", str(out), "--out", str(exp)] + ([] if ema else ["--no-ema"])))
+        if ema:
+            check(run("launch/export.py", ["--run", str(out), "--out", str(exp)]))
+        else:
+            export(out, exp, use_ema=False)
         info = json.loads((exp / "export.json").read_text())
         assert info["weights"] == ("ema" if ema else "raw") and info["step"] == 4
         cfg, live, _ = consolidated(out, use_ema=ema)
@@ -65,8 +69,10 @@ def test_zero2_deepspeed_launcher_bf16_and_export(shards, tmp_path):
                 assert torch.equal(reloaded[name].float(), live[name].float()), name
                 n += 1
         assert n > 0
-    proc = run("launch/export.py", ["--run", str(out), "--out", str(exp)])
-    assert proc.returncode == 2 and "not empty" in proc.stderr  # never overwrites
+    from launch.export import main as export_main  # the CLI's main in process
+    capsys.readouterr()
+    assert export_main(["--run", str(out), "--out", str(exp)]) == 2
+    assert "not empty" in capsys.readouterr().err  # never overwrites
 
 
 def _resume_args(out, shards, extra=()):
