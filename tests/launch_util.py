@@ -91,15 +91,22 @@ def tiny_gen_args(out: Path, stage: str, assets, t2i: str, edit: Optional[str] =
     return with_overrides(args, list(extra or []))
 
 
-def start_error(args, capsys) -> str:
-    """launch/train.py's main in this process (the same code as the command, without the
-    seconds of a fresh interpreter's imports); returns the single stderr line it printed,
-    after checking exit code 2, no traceback and nothing else on stderr."""
-    from launch.train import main
+def one_line_error(main, args, capsys) -> str:
+    """A command's `main` in this process (the same code as the command, without the seconds
+    of a fresh interpreter's imports); returns the single stderr line it printed, after
+    checking exit code 2, no traceback and nothing else on stderr."""
     capsys.readouterr()
     rc = main([str(a) for a in args])
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), (rc, err)
+    assert rc == 2 and len(lines) == 1, (rc, err)
     assert "Traceback" not in err
     return lines[0]
+
+
+def start_error(args, capsys) -> str:
+    """one_line_error of launch/train.py, which starts its line with "error: "."""
+    from launch.train import main
+    line = one_line_error(main, args, capsys)
+    assert line.startswith("error: "), line
+    return line

@@ -202,12 +202,11 @@ def test_runs_on_caches_match_the_live_run_also_across_a_resume(gen_assets, samp
     the live run and its losses equal them step by step (float tolerance). (The caches act
     on the model's inputs, before any ZeRO partitioning; ZeRO-2 gen training: test_gen_stages.)"""
     from tests.test_gen_stages import _metrics
-    zero = "zero3"
     caches = {**caches, "t2i": _damage(caches["t2i"], tmp_path / "damaged")}
 
     def train(out, cached, *extra):
         return check(run("launch/train.py", [
-            "--config", "gen_stage2", "--ds_config", f"ds_configs/{zero}.json", f"run.output_dir={out}",
+            "--config", "gen_stage2", "--ds_config", "ds_configs/zero3.json", f"run.output_dir={out}",
             "data.num_workers=1", "data.shuffle_buffer=8", "train.max_steps=4", "train.micro_batch_size=2",
             "train.log_every=1", "optim.warmup_steps=2", "wandb.mode=disabled", "train.precision=fp32",
             "data.log_keys=true", "run.seed=3", *gen_assets.overrides(),

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.launch_util import check, run
+from tests.launch_util import check, one_line_error, run
 
 FACTOR = 7.25  # the checkpoint's unilip_factor (any value: it must reach the export)
 
@@ -275,16 +275,11 @@ def test_current_key_names_single_file_and_bf16(original, gen_assets, tmp_path):
 
 
 def _fails(capsys, args, match):
-    """convert_gen's main in process (the CLI's code without a fresh interpreter's imports):
-    exit code 2 and one stderr line matching `match`."""
+    """convert_gen's main in process: exit code 2 and one stderr line matching `match`."""
     from unilip_ds.models.convert_gen import main
-    capsys.readouterr()
-    rc = main(args)
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert rc == 2, err[-3000:]
-    assert "Traceback" not in err and len(lines) == 1 and re.search(match, lines[0]), err
-    return lines[0]
+    line = one_line_error(main, args, capsys)
+    assert re.search(match, line), line
+    return line
 
 
 def test_one_line_errors(original, converted, gen_assets, tmp_path, capsys):
