@@ -107,16 +107,27 @@ def test_cache_records_equal_the_live_computation(gen_assets, sample_shards, sam
                                                atol=1e-5, rtol=1e-5)
 
 
+def _build_in_process(capsys, assets, task, shards, dst, *extra):
+    """The CLI's main in this process (the same code, without a fresh interpreter's imports):
+    (exit code, stdout, stderr)."""
+    from data_prep.cache_features import main
+    capsys.readouterr()
+    rc = main(_args(assets, task, shards, dst, *extra))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
 def test_rerun_reuses_verified_shards_rebuilds_damaged_ones_and_refuses_other_settings(
-        gen_assets, sample_edit_shards, tmp_path):
+        gen_assets, sample_edit_shards, tmp_path, capsys):
     dst = tmp_path / "cache"
-    check(_build(gen_assets, "edit", sample_edit_shards, dst))
+    assert _build_in_process(capsys, gen_assets, "edit", sample_edit_shards, dst)[0] == 0
     names = [Path(u).name for u in sample_edit_shards.urls]
     digest = {n: hashlib.sha256((dst / n).read_bytes()).hexdigest() for n in names}
     damaged = dst / names[1]
     damaged.write_bytes(damaged.read_bytes()[:1000])  # a shard cut short
-    proc = check(_build(gen_assets, "edit", sample_edit_shards, dst))
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    rc, out, err = _build_in_process(capsys, gen_assets, "edit", sample_edit_shards, dst)
+    assert rc == 0, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
     assert summary["reused"] == len(names) - 1 and summary["samples"] == len(sample_edit_shards.keys)
     assert {n: hashlib.sha256((dst / n).read_bytes()).hexdigest() for n in names} == digest  # rebuilt exactly
     assert not list(dst.glob("*.tmp-*"))
@@ -124,14 +135,14 @@ def test_rerun_reuses_verified_shards_rebuilds_damaged_ones_and_refuses_other_se
     killed = tmp_path / "killed"  # (batch size 1: many writes per shard, a window to kill in)
     partial = _kill_mid_shard(_args(gen_assets, "edit", sample_edit_shards, killed, "--batch-size", "1"), killed)
     assert partial.exists() and not (killed / MANIFEST).exists()
-    proc = check(_build(gen_assets, "edit", sample_edit_shards, killed))
+    assert _build_in_process(capsys, gen_assets, "edit", sample_edit_shards, killed)[0] == 0
     assert not list(killed.glob("*.tmp-*"))  # the killed run's partial file is gone
     assert sorted(p.name for p in killed.glob("*.tar")) == sorted(names)  # each shard once
     assert {n: hashlib.sha256((killed / n).read_bytes()).hexdigest() for n in names} == digest
     manifest = CacheManifest.from_json((killed / MANIFEST).read_text())
     assert [s.name for s in manifest.shards] == names and \
         sum(s.samples for s in manifest.shards) == len(sample_edit_shards.keys)
-    proc = _build(gen_assets, "edit", sample_edit_shards, dst, "data.resolution=196")
-    assert proc.returncode == 2 and "built differently (differs: " in proc.stderr
-    assert "resolution (cache: 224, this run: 196)" in proc.stderr
-    assert len([line for line in proc.stderr.splitlines() if not line.startswith("warning:")]) == 1
+    rc, _, err = _build_in_process(capsys, gen_assets, "edit", sample_edit_shards, dst, "data.resolution=196")
+    assert rc == 2 and "built differently (differs: " in err
+    assert "resolution (cache: 224, this run: 196)" in err
+    assert len([line for line in err.splitlines() if not line.startswith("warning:")]) == 1

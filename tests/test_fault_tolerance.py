@@ -1,5 +1,6 @@
 """Fault tolerance through launch/train.py as users run it (2 ranks over gloo, torchrun):
-a rank killed with SIGKILL (between checkpoints and in the middle of a checkpoint write),
+a rank killed with SIGKILL (between checkpoints and in the middle of a checkpoint write,
+under ZeRO-3: the resume is bit-identical),
 torchrun --max-restarts (slurm/launch.sh's UNILIP_MAX_RESTARTS: tests/test_slurm.py), a stalled rank
 (dist.timeout_s), non-finite losses on one rank, Ctrl-C, and run directories that are
 never mixed or clobbered."""
@@ -70,16 +71,27 @@ def _wait(cond, proc: subprocess.Popen, log: Path, timeout: float = 300, poll: f
         time.sleep(poll)
 
 
-def test_killed_rank_restarts_and_ends_bit_identical(shards, tmp_path):
-    """SIGKILL of rank 1 after step 3 (between checkpoints): torchrun --max-restarts 1
-    restarts both workers, which resume from step 2. SIGKILL again while step 4 is being
-    written: no restarts left, the job fails, the half-written step 4 is not `latest`.
-    The same command again resumes from step 2 and ends bit-identical to an uninterrupted
-    run; the next successful save replaced the half-written directory."""
-    full, out, log = tmp_path / "full", tmp_path / "run", tmp_path / "log.txt"
-    check(run("launch/train.py", _args(full, shards), nproc=2, launcher="torchrun"))
+def _resume_args(out, shards):  # ZeRO-3, the data stream's keys logged, W&B offline
+    return tiny_recon_args(out, shards, steps=4, ds="ds_configs/zero3.json", extra=[
+        "train.precision=fp32", "wandb.mode=offline", "data.log_keys=true"])
 
-    proc = _torchrun(_args(out, shards), log, restarts=1)
+
+def _by_step(rows: List[dict]) -> dict:
+    """Records by step; a step run again after a resume is logged again, and its last record counts."""
+    return {r["step"]: r for r in rows}
+
+
+def test_killed_rank_restarts_and_resume_is_bit_identical(shards, tmp_path):
+    """ZeRO-3, 2 ranks under torchrun. SIGKILL of rank 1 after step 3 (between checkpoints):
+    torchrun --max-restarts 1 restarts both workers, which resume from step 2. SIGKILL again
+    while step 4 is being written: no restarts left, the job fails, the half-written step 4
+    is not `latest`. The same command again resumes from step 2 and ends bit-identical to an
+    uninterrupted run (weights, EMA, losses, the data stream's keys), in the same W&B run;
+    its save of step 4 replaced the half-written directory."""
+    full, out, log = tmp_path / "full", tmp_path / "run", tmp_path / "log.txt"
+    check(run("launch/train.py", _resume_args(full, shards), nproc=2, launcher="torchrun"))
+
+    proc = _torchrun(_resume_args(out, shards), log, restarts=1)
     try:
         _wait(lambda: any(r["step"] == 3 for r in _metrics(out)), proc, log)
         first = _rank_pid(proc, 1)
@@ -97,13 +109,28 @@ def test_killed_rank_restarts_and_ends_bit_identical(shards, tmp_path):
     assert text.count("resumed from") == 1 and "step_00000002 at step 2" in text, text[-4000:]
     assert checkpoint.latest_tag(out) == "step_00000002"
     assert step4.is_dir() and not checkpoint.is_complete(step4)  # killed during the write
+    run_id = checkpoint.read_meta(out, "step_00000002")["wandb_run_id"]
+    assert run_id  # W&B offline: the id that the resumed run must continue
 
-    proc2 = check(run("launch/train.py", _args(out, shards), nproc=2, launcher="torchrun"))
+    proc2 = check(run("launch/train.py", _resume_args(out, shards), nproc=2, launcher="torchrun"))
     assert "step_00000002 at step 2" in proc2.stdout
     assert checkpoint.latest_tag(out) == "step_00000004" and checkpoint.is_complete(step4)
+    assert checkpoint.read_meta(out, "step_00000004")["wandb_run_id"] == run_id
     for ema in (False, True):
         a, b = consolidated(full, ema)[1], consolidated(out, ema)[1]
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"ema={ema}"
+    ma, mb = _by_step(_metrics(full)), _by_step(_metrics(out))
+    assert sorted(ma) == sorted(mb) == [1, 2, 3, 4]
+    assert all(ma[s]["loss/total"] == mb[s]["loss/total"] for s in ma)
+    for r in (0, 1):  # the data stream resumed exactly: same keys at every step
+        ka, kb = ({k["step"]: k["keys"] for k in map(json.loads, (d / "keys" / f"rank{r}.jsonl").read_text()
+                   .splitlines())} for d in (full, out))
+        assert ka == kb and sorted(ka) == [1, 2, 3, 4]
+    # ZeRO-3 partitions parameters before the task splits them: matrices still decay
+    optim = next((full / "checkpoints" / "step_00000004" / "model").rglob("*optim_states.pt"))
+    state = torch.load(optim, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    decays = sorted({g["weight_decay"] for g in state["optimizer_state_dict"]["param_groups"]})
+    assert decays == [0.0, 1e-4], decays
 
 
 def test_stalled_rank_times_out_naming_the_step(shards, tmp_path):

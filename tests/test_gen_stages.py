@@ -8,7 +8,8 @@ launch/export.py's export, on the tiny flavor from files in the real layouts:
       -> UniLIPPipeline.from_pretrained, generate/edit
 
 Frozen parts are compared bit for bit with the files they came from; what trains is checked
-to have moved (and the DiT only from stage 2).
+to have moved (and the DiT only from stage 2). gen_stage1's frozen parts under ZeRO-2:
+tests/test_lean_checkpoints.py.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def chain(gen_assets, sample_shards, sample_edit_shards, tmp_path_factory):
     runs, exports = {}, {}
     init = None
     # stage 2 is also the uninterrupted run of the resume test (_resume_args: ZeRO-3, seed 3)
-    for stage, ds, launcher, steps in (("gen_stage1", "ds_configs/zero3.json", "torchrun", 4),
+    for stage, ds, launcher, steps in (("gen_stage1", "ds_configs/zero3.json", "torchrun", 2),
                                        ("gen_stage2", "ds_configs/zero3.json", "torchrun", 4),
                                        ("gen_stage3", "ds_configs/zero2.json", "deepspeed", 2)):
         out = root / stage
@@ -71,9 +72,9 @@ def test_stage1_trains_queries_and_connector_only(chain, gen_assets):
     runs, exports = chain
     out, exp = runs["gen_stage1"], exports["gen_stage1"]
     rows = _metrics(out)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows] == [1, 2]
     assert all("loss/flow" in r and "grad_norm/model" in r for r in rows)
-    assert checkpoint.latest_tag(out) == "step_00000004"
+    assert checkpoint.latest_tag(out) == "step_00000002"
     info = json.loads((exp / "export.json").read_text())
     assert info["weights"] == "raw"  # the gen presets keep no EMA, as the reference
     assert info["components"] == ["adapter", "connector", "dcae", "decoder", "mllm", "scheduler",
@@ -183,26 +184,14 @@ def test_generate_and_edit_clis(chain, tmp_path, sample_edit_shards, capsys):
     src = tmp_path / "in.png"
     Image.new("RGB", (120, 80), (10, 200, 30)).save(src)
     edits = tmp_path / "edit"
-    check(run("-m", ["unilip_ds.inference.edit", "--ckpt", ckpt, "--image", str(src), "--instruction",
-                     "flip the image horizontally", "--steps", "2", "--flow-shift", "2.0", "--out", str(edits)]))
+    assert main(["--ckpt", ckpt, "--image", str(src), "--instruction", "flip the image horizontally",
+                 "--steps", "2", "--flow-shift", "2.0", "--out", str(edits)], edit=True) == 0
     meta = json.loads((edits / "run.json").read_text())
     assert meta["task"] == "edit" and meta["flow_shift"] == 2.0
     assert (edits / "000_0_side_by_side.png").is_file()
     capsys.readouterr()
     assert main(["--ckpt", ckpt, "--image", str(src), "--instruction", "x", "--out", str(edits)], edit=True) == 2
     assert "not empty" in capsys.readouterr().err
-
-
-def test_stage1_under_zero2_keeps_every_frozen_tensor(gen_assets, sample_shards, tmp_path):
-    out = tmp_path / "s1z2"
-    check(run("launch/train.py", tiny_gen_args(out, "gen_stage1", gen_assets, sample_shards.dir, steps=2,
-                                               ds="ds_configs/zero2.json"), nproc=2, launcher="deepspeed"))
-    _, sd, _ = consolidated(out, use_ema=False)
-    sana = read_weights_dir(gen_assets.sana / "transformer")
-    assert _same({k[len("transformer."):]: v for k, v in sd.items() if k.startswith("transformer.")}, sana)
-    internvl = mllm_state_dict(gen_assets.internvl)
-    llm = [k for k in internvl if "language_model" in k]
-    assert _same({k[len("mllm."):]: v for k, v in sd.items() if k.startswith("mllm.")}, internvl, llm)
 
 
 def _resume_args(out, assets, shards, edit_shards, init, extra=()):

@@ -82,6 +82,9 @@ def test_checkpoint_holds_only_what_trains(lean):
     _, sd, _ = consolidated(full, use_ema=False)
     sana = read_weights_dir(lean[1]["sana"] / "transformer")
     assert all(torch.equal(sd["transformer." + k], v.float()) for k, v in sana.items())
+    internvl = mllm_state_dict(lean[1]["internvl"])
+    llm = [k for k in internvl if "language_model" in k]
+    assert llm and all(torch.equal(sd["mllm." + k], internvl[k].float()) for k in llm)
     size = sum(f.stat().st_size for f in cdir.rglob("*") if f.is_file())
     frozen = sum(v.numel() for k, v in sd.items() if k.startswith(FROZEN)) * 4
     assert size < frozen, (size, frozen)  # less than the frozen fp32 weights alone
