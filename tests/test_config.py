@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.launch_util import run
+from tests.launch_util import run, start_error
 from unilip_ds.config import ConfigError, load_config
 from unilip_ds.engine.ds_config import build_ds_config, load_json
 
@@ -65,27 +65,20 @@ def test_ds_config_auto_filled_and_contradictions(tmp_path):
     assert ds["scheduler"]["params"]["total_num_steps"] == cfg.train.max_steps
 
 
-def _cli_error(args, tmp_path):
-    proc = run("launch/train.py", args)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
-    return lines[0]
-
-
-def test_cli_errors_are_one_line_before_anything_starts(tmp_path):
+def test_cli_errors_are_one_line_before_anything_starts(tmp_path, capsys):
+    """launch/train.py's main in process (as the CLI runs it, without a second interpreter)."""
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     out = tmp_path / "run"
-    assert "train.grad_clip" in _cli_error(
-        ["--config", "recon_stage1", "train.grad_clip=null", f"run.output_dir={out}"], tmp_path)
-    assert "does not parse" in _cli_error(
-        ["--config", "recon_stage1", "--ds_config", str(bad), f"run.output_dir={out}"], tmp_path)
+    assert "train.grad_clip" in start_error(
+        ["--config", "recon_stage1", "train.grad_clip=null", f"run.output_dir={out}"], capsys)
+    assert "does not parse" in start_error(
+        ["--config", "recon_stage1", "--ds_config", str(bad), f"run.output_dir={out}"], capsys)
     off0 = tmp_path / "off0.json"
     off0.write_text(json.dumps({"zero_optimization": {"stage": 0,
                                                       "offload_optimizer": {"device": "cpu"}}}))
-    assert "offload" in _cli_error(["--config", "recon_stage1", "--ds_config", str(off0)], tmp_path)
-    assert "unknown preset" in _cli_error(["--config", "no_such_stage"], tmp_path)
+    assert "offload" in start_error(["--config", "recon_stage1", "--ds_config", str(off0)], capsys)
+    assert "unknown preset" in start_error(["--config", "no_such_stage"], capsys)
     assert not out.exists()  # nothing was created
 
 
@@ -152,8 +145,8 @@ def test_warmup_not_shorter_than_the_run_is_a_warning():
     assert config_warnings(load_config(None, ["train.max_steps=300", "optim.warmup_steps=30"])) == []
 
 
-def test_a_key_given_twice_on_the_command_line_is_an_error(tmp_path):
+def test_a_key_given_twice_on_the_command_line_is_an_error(capsys):
     # what the shell makes of an unquoted data.train.urls=/d/shard-{0..2}.tar
-    line = _cli_error(["--config", "recon_stage1", "--print-config", *(
-        f"data.train.urls=/d/shard-{i}.tar" for i in range(3))], tmp_path)
+    line = start_error(["--config", "recon_stage1", "--print-config", *(
+        f"data.train.urls=/d/shard-{i}.tar" for i in range(3))], capsys)
     assert "config key 'data.train.urls': given 3 times" in line and "quote" in line
