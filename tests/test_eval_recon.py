@@ -195,7 +195,6 @@ def test_eval_cli_torchrun_shards_and_gathers(export_and_shards, inception_file,
 
 def _torchrun(args):
     import subprocess
-    import sys
     from tests.launch_util import BIN, REPO, _port, env
     cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_port()), "-m",
            "unilip_ds.evaluation.recon", *args]
