@@ -12,6 +12,13 @@
            input's layout (the inputs mirrored: output vs the mirrored output and vs the
            unmirrored one); for T2I, the caption's samples against the caption dropped.
            `--edits identity`: "keep the image as it is" (can the layout be copied at all?).
+           `--data mosaics`: flat colour cells aligned to the tiny flavor's 8 x 8 token grid
+           (sample_images.mosaic_samples), where an image's mean says nothing about any one
+           place: the clearest check that the layout is carried. `--mix-mosaic F`: that
+           fraction of the training pairs are identity edits of mosaics (`--mosaic-grids`:
+           cells per side). On shape scenes the random tiny UniLIP's latent is mostly a
+           place-dependent part that does not mirror, so the mirror figures barely separate
+           even for a perfect edit (the `_ceiling` figures); mosaics separate.
   export   a gen export (e.g. the demo's gen_stage2): held-out images edited, PSNR of the
            output against the true target and against the input, and the copy baseline
            (input vs target); T2I from held-out captions against the same seeds with the
@@ -26,6 +33,7 @@ latents, as the reference derived its factor for its UniLIP.
 
     .venv/bin/python benchmarks/edit_learns.py overfit [--pairs 4 --steps 600 --lr 2e-3]
     .venv/bin/python benchmarks/edit_learns.py heldout --edits colours --count 2000 --steps 1500 --lr 1e-3
+    .venv/bin/python benchmarks/edit_learns.py heldout --data mosaics --edits identity --count 2000 --steps 2000 --lr 1e-3
     .venv/bin/python benchmarks/edit_learns.py export --ckpt demo_out/exports/gen_stage2 \\
         --edits demo_out/images/edit/heldout/edits.json
 """
@@ -211,38 +219,48 @@ def build_tiny(root: Path, latent_scale: Optional[str] = "auto", extra: Sequence
     return task, modules[MAIN]
 
 
-def edit_pairs(data: str, count: int, seed: int, edits: str = "flips"):
+def edit_pairs(data: str, count: int, seed: int, edits: str = "flips", mix_mosaic: float = 0.0,
+               grids: Sequence[int] = (2, 4, 8)):
     """(inputs, instructions, outputs) as PIL lists: `count` training pairs and the held-out
     ones, each pair's edit drawn (seeded) from the edit set `edits` (sample_images.EDIT_SETS:
-    flips or colours), so the instruction decides the edit. photos: the bundled photos'
-    variants, the demo's held-out photos left out; shapes: synthetic scenes (shape_samples;
-    held out = another seed)."""
+    flips or colours; identity: "keep the image as it is"), so the instruction decides the
+    edit. photos: the bundled photos' variants, the demo's held-out photos left out; shapes:
+    synthetic scenes (shape_samples; held out = another seed); mosaics: 8 x 8 colour-block
+    mosaics (mosaic_samples). `mix_mosaic`: that fraction of the training pairs (the last
+    ones) replaced by identity edits of mosaics (held-out pairs unchanged)."""
     import random
-    from unilip_ds.data.sample_images import EDIT_SETS, PHOTOS, load_photo, samples, shape_samples
+    from unilip_ds.data.sample_images import (EDIT_SETS, IDENTITY_EDIT, PHOTOS, load_photo, mosaic_samples,
+                                              samples, shape_samples)
     if data == "photos":
         held = ("chelsea", "coffee", "astronaut")
         parts = [(seed, [s_.image for s_ in samples(count) if s_.key.split("_")[0] not in held]),
                  (seed + 1000, [load_photo(n) for n, _ in PHOTOS if n.split(".")[0] in held])]
     else:
-        parts = [(part, [s_.image for s_ in shape_samples(n, seed=part)])
+        make = (lambda n, seed: mosaic_samples(n, grids=grids, seed=seed)) if data == "mosaics" else shape_samples
+        parts = [(part, [s_.image for s_ in make(n, seed=part)])
                  for part, n in ((seed, count), (seed + 1000, 16))]
     # identity: a diagnostic (the output must be the input: is the reference's layout routed
     # to the output at all, whatever the edit?)
-    out, options = [], {**EDIT_SETS, "identity": (("keep the image as it is", lambda im: im),)}[edits]
+    out, options = [], {**EDIT_SETS, "identity": (IDENTITY_EDIT,)}[edits]
     for part, ims in parts:
         pick = random.Random(f"edit-pairs-{part}")
         chosen = [options[pick.randrange(len(options))] for _ in ims]
         out.append((ims, [e[0] for e in chosen], [e[1](im) for e, im in zip(chosen, ims)]))
+    n_mix = int(round(mix_mosaic * len(out[0][0])))
+    if n_mix:
+        ims, texts, outs = (list(v[:len(v) - n_mix]) for v in out[0])
+        mos = [s_.image for s_ in mosaic_samples(n_mix, grids=grids, seed=seed + 2000)]
+        out[0] = (ims + mos, texts + [IDENTITY_EDIT[0]] * n_mix, outs + [IDENTITY_EDIT[1](m) for m in mos])
     return out[0], out[1]
 
 
 def heldout_edit(task, model, data: str, count: int, steps: int, lr: float, batch: int = 8, seed: int = 0,
-                 sample_steps: int = 20, guidance: float = 1.0, log=None, edits: str = "flips") -> Dict[str, float]:
+                 sample_steps: int = 20, guidance: float = 1.0, log=None, edits: str = "flips",
+                 mix_mosaic: float = 0.0, grids: Sequence[int] = (2, 4, 8)) -> Dict[str, float]:
     """Generalisation: edits trained on `count` pairs (random minibatches; edit_pairs), then
     applied to held-out inputs. Image PSNR of the output against the true target and against
     the input, and the copy baseline (input vs target); the same in latent space."""
-    from unilip_ds.models.generator import PrefixState
-    (tr_in, tr_text, tr_out), (te_in, te_text, te_out) = edit_pairs(data, count, seed, edits)
+    (tr_in, tr_text, tr_out), (te_in, te_text, te_out) = edit_pairs(data, count, seed, edits, mix_mosaic, grids)
     r = model.resolution
     x_in, x_out = to_tensor(tr_in, r), to_tensor(tr_out, r)
     e_in, e_out = to_tensor(te_in, r), to_tensor(te_out, r)
@@ -254,11 +272,18 @@ def heldout_edit(task, model, data: str, count: int, steps: int, lr: float, batc
         z = sample_latents(model, builder, "edit", te_text, e_in, steps=sample_steps, guidance=guidance, seed=seed)
         out = model.decode(z)
         zt, zi = model.target_latent(e_out), model.target_latent(e_in)
+        # every edit here commutes with a horizontal mirror: the mirrored input's true target
+        zt_m = model.target_latent(e_out.flip(-1))
         rec_t = model.decode(zt)
         # does the output follow the reference's layout? The held-out inputs mirrored: an
         # edit that carries the layout mirrors its output (close to the mirrored output),
         # one that reads only what the reference holds, not where, gives the same output
-        # (close to the unmirrored one). (Permuting the reference's tokens tells nothing:
+        # (close to the unmirrored one). The tiny random UniLIP's latent has a large part
+        # that depends on the place, not the content (its ViT's sin-cos position table), and
+        # does not mirror: on shape scenes even a perfect edit scores about the same against
+        # the mirrored and the unmirrored output (the `_ceiling` figures: the true targets).
+        # The figures against the true targets of the mirrored inputs (`vs_mirrored_target`
+        # against `vs_target`) tell the layout apart there. (Permuting the reference's tokens tells nothing:
         # each token carries its position in its features, cross-attention sees a set.)
         # Another seed's samples: how far the noise alone moves the output.
         z_flip = sample_latents(model, builder, "edit", te_text, e_in.flip(-1), steps=sample_steps,
@@ -286,6 +311,13 @@ def heldout_edit(task, model, data: str, count: int, steps: int, lr: float, batc
             "latent_psnr_mirrored_input_output_vs_output_mirrored": psnr(z_flip, z.flip(-1), peak),
             "latent_psnr_mirrored_input_output_vs_output": psnr(z_flip, z, peak),
             "latent_psnr_target_mirrored_vs_target": psnr(zt.flip(-1), zt, peak),
+            "latent_psnr_mirrored_input_output_vs_mirrored_target": psnr(z_flip, zt_m, peak),
+            "latent_psnr_mirrored_input_output_vs_target": psnr(z_flip, zt, peak),
+            # what a perfect edit scores in the two mirror figures above them
+            "latent_psnr_mirrored_target_vs_target_mirrored_ceiling": psnr(zt_m, zt.flip(-1), peak),
+            "latent_psnr_mirrored_target_vs_target_ceiling": psnr(zt_m, zt, peak),
+            "psnr_mirrored_input_output_vs_mirrored_target": psnr(model.decode(z_flip), e_out.flip(-1)),
+            "psnr_mirrored_input_output_vs_target": psnr(model.decode(z_flip), e_out),
             "latent_psnr_output_vs_other_seed_output": psnr(z, z_seed, peak),
             "loss_last": float(np.mean(losses[-50:])), "train_s": time.time() - t0,
             "latent_scale": float(model.latent_scale), "_out": out, "_in": e_in, "_target": e_out}
@@ -383,9 +415,14 @@ def main(argv=None) -> int:
     h = sub.add_parser("heldout")
     h.add_argument("--recon", default=None, help="a recon export (e.g. the demo's recon_stage2); default: random")
     h.add_argument("--internvl", default=None, help="the InternVL3 directory the recon encoder came from")
-    h.add_argument("--data", choices=("shapes", "photos"), default="shapes")
+    h.add_argument("--data", choices=("shapes", "photos", "mosaics"), default="shapes")
     h.add_argument("--edits", choices=("flips", "colours", "identity"), default="flips",
                    help="the edit set (sample_images.EDIT_SETS): flips move the layout, colours keep it")
+    h.add_argument("--mix-mosaic", type=float, default=0.0,
+                   help="this fraction of the training pairs are identity edits of colour mosaics (held-out "
+                   "pairs unchanged)")
+    h.add_argument("--mosaic-grids", type=int, nargs="+", default=[2, 4, 8],
+                   help="each mosaic's grid (cells per side) is drawn from these")
     h.add_argument("--task", choices=("edit", "t2i"), default="edit", help="t2i: shapes' captions -> scenes")
     h.add_argument("--count", type=int, default=200)
     h.add_argument("--steps", type=int, default=1500)
@@ -403,8 +440,13 @@ def main(argv=None) -> int:
     e.add_argument("--steps", type=int, default=20)
     e.add_argument("--guidance", type=float, default=4.5)
     e.add_argument("--out", default=None, help="write the figures as JSON here too")
+    for p_ in (o, h, e):
+        p_.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: OMP_NUM_THREADS, else torch's default)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    import os
+    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
     if args.cmd == "overfit":
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(args.assets or tmp)
@@ -430,7 +472,8 @@ def main(argv=None) -> int:
             say = lambda s: print(s, flush=True)  # noqa: E731
             if args.task == "edit":
                 res = heldout_edit(task, model, args.data, args.count, args.steps, args.lr, args.batch,
-                                   guidance=args.guidance, log=say, edits=args.edits)
+                                   guidance=args.guidance, log=say, edits=args.edits, mix_mosaic=args.mix_mosaic,
+                                   grids=args.mosaic_grids)
             else:
                 res = heldout_t2i(task, model, args.count, args.steps, args.lr, args.batch, guidance=args.guidance,
                                   log=say)

@@ -32,3 +32,25 @@ def test_edit_pairs_are_reproduced_from_the_reference_image(build_gen):
     assert r["latent_psnr_sample"] > r["latent_psnr_copy"] + 1.0, r
     assert r["latent_psnr_sample"] > r["latent_psnr_sample_vs_input"] + 1.0, r
     assert r["latent_psnr_sample"] > r["latent_psnr_zeroed"] + 2.0, r
+
+
+def test_mosaic_identity_pairs_are_mixed_into_the_edit_pairs():
+    """Mosaics (the layout lever of issue 21): flat cells aligned to the tiny flavor's 8 x 8
+    token grid, seeded; `mix_mosaic` replaces that fraction of the training pairs (the last
+    ones) by "keep the image as it is" pairs of mosaics and leaves the held-out pairs alone."""
+    import numpy as np
+    from edit_learns import edit_pairs
+    from unilip_ds.data.sample_images import IDENTITY_EDIT, mosaic_samples
+    a, b = mosaic_samples(3, grids=(2, 4, 8), seed=0), mosaic_samples(3, grids=(2, 4, 8), seed=0)
+    assert all(np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(a, b))
+    for s in mosaic_samples(4, grids=(8,), seed=1):
+        px = np.asarray(s.image)
+        assert px.shape == (224, 224, 3)
+        cells = px.reshape(8, 28, 8, 28, 3)
+        assert (cells == cells[:, :1, :, :1]).all()  # every 28 px cell is one colour
+        assert len({tuple(c) for c in cells[:, 0, :, 0].reshape(-1, 3)}) > 32  # and they differ
+    (tr_in, tr_text, tr_out), held = edit_pairs("shapes", 8, 0, "colours", mix_mosaic=0.25)
+    plain, held_plain = edit_pairs("shapes", 8, 0, "colours")
+    assert tr_text[:6] == plain[1][:6] and tr_text[6:] == [IDENTITY_EDIT[0]] * 2
+    assert all(x is y for x, y in zip(tr_in[6:], tr_out[6:]))  # identity: the output is the input
+    assert held[1] == held_plain[1]

@@ -113,5 +113,5 @@ def test_stage_time_estimate_cli(capsys):
     est = [ln for ln in out if ln.startswith("estimate on 2 devices at 100 TFLOPS peak x MFU 0.5")]
     assert [ln.split(", ")[-1].split(":")[0] for ln in est] == list(hours)
     for ln, h in zip(est, hours.values()):
-        assert float(ln.rsplit(": ", 1)[1].split(" h")[0]) == pytest.approx(h, rel=2e-3)
+        assert float(ln.rsplit(": ", 1)[1].split(" h")[0]) == pytest.approx(h, rel=5e-3)  # printed to 3 digits
     assert main(["--config", "no_such_stage"]) == 2

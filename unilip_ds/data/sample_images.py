@@ -14,6 +14,10 @@ benchmark (nothing can be downloaded here).
   white": every place keeps its place, its colour changes; the demo's edit set, the one a
   tiny model learns in CPU minutes).
 
+- `mosaic_samples`: colour-block mosaics aligned to the tiny flavor's 8 x 8 token grid; their
+  identity edits (IDENTITY_EDIT) check that a generator carries the reference image's layout
+  to the output (benchmarks/edit_learns.py heldout --data mosaics).
+
 `size` resamples every image to size x size (e.g. 1024 for the decode benchmark).
 """
 
@@ -179,6 +183,41 @@ def shape_samples(count: int, size: int = 224, seed: int = 0) -> List[Sample]:
         im, caption = shape_scene(rng, size)
         out.append(Sample(f"shapes{seed}_{i:05d}", im, caption[0].upper() + caption[1:]))
     return out
+
+
+def mosaic_scene(rng: random.Random, size: int = 224, grid: int = 8) -> Image.Image:
+    """A grid x grid mosaic of flat cells, each a colour drawn independently (uniform RGB).
+    At grid 8 and 224 px every cell is one token of the tiny flavor's reference image and
+    latent (28 px = 2 x 2 patches of 14 px, pixel-shuffled); coarser grids are blocks of
+    whole tokens. The image's mean tells little about any one place, so a "keep the image
+    as it is" edit on mosaics is learnt only by carrying each reference token to its own
+    place in the output (which shape scenes on a plain background, whose mean is most of
+    the image, do not teach)."""
+    from PIL import ImageDraw
+    im = Image.new("RGB", (size, size))
+    draw = ImageDraw.Draw(im)
+    edges = [round(k * size / grid) for k in range(grid + 1)]
+    for i in range(grid):
+        for j in range(grid):
+            colour = tuple(rng.randrange(256) for _ in range(3))
+            draw.rectangle((edges[j], edges[i], edges[j + 1] - 1, edges[i + 1] - 1), fill=colour)
+    return im
+
+
+def mosaic_samples(count: int, size: int = 224, grids: Sequence[int] = (2, 4, 8), seed: int = 0) -> List[Sample]:
+    """`count` mosaics (mosaic_scene), each of a grid drawn uniformly from `grids` (repeat a
+    value to weight it), the same for the same seed; the caption says what they are."""
+    rng = random.Random(f"mosaics-{seed}")
+    out = []
+    for i in range(count):
+        g = rng.choice(list(grids))
+        out.append(Sample(f"mosaic{seed}_{i:05d}", mosaic_scene(rng, size, g),
+                          f"A mosaic of {g} by {g} flat colour squares."))
+    return out
+
+
+# the identity edit: the output is the input (on mosaics: is the reference's layout carried?)
+IDENTITY_EDIT: Tuple[str, Callable[[Image.Image], Image.Image]] = ("keep the image as it is", lambda im: im)
 
 
 def jpeg_bytes(im: Image.Image, quality: int = 90) -> bytes:

@@ -73,6 +73,22 @@ def vision_position_embedding(vision_tower: torch.nn.Module) -> None:
         emb[:, 1:] = get_2d_sincos_pos_embed(emb.shape[-1], grid, output_type="pt").to(emb.dtype)
 
 
+def unit_image_features(model: torch.nn.Module, size: int) -> None:
+    """Scales the (random) mlp1's output layer so that image features have RMS 1 on a fixed
+    batch of noise images (normalised pixels). Its default init gives ~0.03, next to the LLM's post-norm states
+    of ~1 with which they share the connector's input (the dual condition): the connector's
+    first residual update then outweighs each reference token, and a tiny generator reads
+    the reference as its mean, never learning where things are (benchmarks/edit_learns.py).
+    Deterministic: no draw from the global RNG."""
+    proj = model.model.multi_modal_projector.linear_2
+    pixels = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        rms = model.model.get_image_features(pixels, vision_feature_layer=-1,
+                                             vision_feature_select_strategy="default").pooler_output.pow(2).mean().sqrt()
+        proj.weight.div_(rms)
+        proj.bias.div_(rms)
+
+
 def save_tiny_internvl(out: Path, corpus: Iterable[str] = (), seed: int = 0) -> Path:
     from transformers import InternVLForConditionalGeneration
     tok = tiny_tokenizer(corpus)
@@ -84,6 +100,8 @@ def save_tiny_internvl(out: Path, corpus: Iterable[str] = (), seed: int = 0) -> 
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(config).eval()
     vision_position_embedding(model.model.vision_tower)
+    size = config.vision_config.image_size
+    unit_image_features(model, size[0] if isinstance(size, (list, tuple)) else size)
     model = bf16_exact(model)
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
