@@ -98,8 +98,9 @@ FLAVORS: Dict[str, Flavor] = {
         disc_channels=16, disc_mults=(1, 2, 2), disc_groups=8,
         vgg_width_div=8, convnext_dims=(16, 32, 64, 128), convnext_depths=(1, 1, 1, 1), classifier_size=64,
         # DiT width 128 = 4 x the latent's 32 channels (SANA's is 36 x): at width 32 a tiny DiT
-        # never learnt to carry a reference token to its place in the output, even given the
-        # target itself with a position code as the condition (benchmarks/edit_learns.py)
+        # did not learn in 3000 steps to carry a condition token to its place in the output,
+        # even given the target itself with a position code (README, "Does the condition
+        # reach the image?")
         sana=dict(_SANA_600M_512, num_attention_heads=4, attention_head_dim=32, num_layers=2,
                   num_cross_attention_heads=4, cross_attention_head_dim=32, cross_attention_dim=128,
                   caption_channels=64, sample_size=8),

@@ -75,8 +75,8 @@ def vision_position_embedding(vision_tower: torch.nn.Module) -> None:
 
 def unit_image_features(model: torch.nn.Module, size: int) -> None:
     """Scales the (random) mlp1's output layer so that image features have RMS 1 on a fixed
-    batch of noise images (normalised pixels). Its default init gives ~0.03, next to the LLM's post-norm states
-    of ~1 with which they share the connector's input (the dual condition): the connector's
+    batch of noise images (normalised pixels). Its default init gives ~0.03, next to the
+    LLM's post-norm states of ~1 with which they share the connector's input (the dual condition): the connector's
     first residual update then outweighs each reference token, and a tiny generator reads
     the reference as its mean, never learning where things are (benchmarks/edit_learns.py).
     Deterministic: no draw from the global RNG."""
