@@ -290,6 +290,7 @@ def heldout_edit(task, model, data: str, count: int, steps: int, lr: float, batc
                                 guidance=guidance, seed=seed)
         z_seed = sample_latents(model, builder, "edit", te_text, e_in, steps=sample_steps, guidance=guidance,
                                 seed=seed + 100)
+        out_flip = model.decode(z_flip)
     peak = float(zt.max() - zt.min())
     # per instruction: which edits are learnt (e.g. black and white keeps the layout's
     # luminance, inversion must move every colour)
@@ -316,8 +317,8 @@ def heldout_edit(task, model, data: str, count: int, steps: int, lr: float, batc
             # what a perfect edit scores in the two mirror figures above them
             "latent_psnr_mirrored_target_vs_target_mirrored_ceiling": psnr(zt_m, zt.flip(-1), peak),
             "latent_psnr_mirrored_target_vs_target_ceiling": psnr(zt_m, zt, peak),
-            "psnr_mirrored_input_output_vs_mirrored_target": psnr(model.decode(z_flip), e_out.flip(-1)),
-            "psnr_mirrored_input_output_vs_target": psnr(model.decode(z_flip), e_out),
+            "psnr_mirrored_input_output_vs_mirrored_target": psnr(out_flip, e_out.flip(-1)),
+            "psnr_mirrored_input_output_vs_target": psnr(out_flip, e_out),
             "latent_psnr_output_vs_other_seed_output": psnr(z, z_seed, peak),
             "loss_last": float(np.mean(losses[-50:])), "train_s": time.time() - t0,
             "latent_scale": float(model.latent_scale), "_out": out, "_in": e_in, "_target": e_out}
@@ -442,11 +443,10 @@ def main(argv=None) -> int:
     e.add_argument("--out", default=None, help="write the figures as JSON here too")
     for p_ in (o, h, e):
         p_.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: OMP_NUM_THREADS, else torch's default)")
+                        help="torch CPU threads (default: torch's, which follows OMP_NUM_THREADS)")
     args = ap.parse_args(argv)
-    import os
-    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or torch.get_num_threads()
-    torch.set_num_threads(max(1, threads))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.cmd == "overfit":
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(args.assets or tmp)
