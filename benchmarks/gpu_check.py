@@ -19,8 +19,12 @@ lengths, T2I and edit); gen_step_flash / gen_step_sdpa (benchmarks/gen_step.py: 
 step time, samples/s, peak memory, MFU, activation checkpointing on and off, growing batch
 sizes until one runs out of memory); recon_stage2_448 (benchmarks/recon_step.py); cache_speed
 (benchmarks/cache_speed.py at the real widths on CUDA bf16); nccl_2gpu (benchmarks/nccl_check.py,
-torchrun x 2 over NCCL; skipped with fewer than 2 GPUs). The flash steps are skipped when
-flash_attn does not import (the report says why). Without CUDA (and without `--device cpu`)
+torchrun x 2 over NCCL; skipped with fewer than 2 GPUs) or, on a one-GPU machine, train_1gpu
+(the same trainer run as one process). When flash_attn does not import, the flash steps are
+skipped (the report says why) and sdpa_vs_fp32 runs flash_agree.py with the plain-torch
+stand-in in flash's place: the CUDA SDPA kernels under the project's masks against an fp32
+reference at the real shapes (the stand-in is no flash-attn kernel: its column says nothing
+about flash-attn). Without CUDA (and without `--device cpu`)
 the run stops with one line and exit status 2. `--device cpu` runs the same scripts on the
 tiny flavor (flash steps through tests/flash_standin.py, the 2-process step over gloo): the
 command lines' own check, not a measurement.
@@ -43,6 +47,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 TOTAL_BUDGET_S = 480  # 8 minutes on one H100 / H200, every step included
 PY = "{python}"  # replaced by the interpreter that runs this driver
 
@@ -53,7 +58,7 @@ class Step:
     what: str
     argv: List[str]
     budget_s: int
-    needs: str = ""  # "" | "flash" (flash_attn must import on CUDA) | "2gpu"
+    needs: str = ""  # "" | "flash" (flash_attn imports) | "noflash" (it does not) | "2gpu" | "1gpu" (exactly 1)
 
 
 @dataclass
@@ -79,6 +84,8 @@ def plan(device: str = "cuda", flavor: str = "1b", out: str = "gpu_check_out") -
     standin = ["--flash-standin"] if cpu else []
     steps = "3" if big else "1"
 
+    agree = [PY, "benchmarks/flash_agree.py", *dev, "--batch", "4" if big else "3"]
+
     def gen(attn: str, batches: str) -> List[str]:
         return [PY, "benchmarks/gen_step.py", *dev, "--attn", attn, "--grad-ckpt", "on,off", "--batch", batches,
                 "--stop-at-oom", "--steps", steps] + (standin if attn == "flash" else [])
@@ -88,12 +95,18 @@ def plan(device: str = "cuda", flavor: str = "1b", out: str = "gpu_check_out") -
         Step("flash_vs_sdpa", f"flash-attn vs SDPA on the {flavor} condition path (prefix pass, query pass, "
              "connector; vision tower for edit), padded batch of mixed prompt lengths, T2I + edit: hidden states "
              "and gradients, each backend against an fp32 SDPA reference",
-             [PY, "benchmarks/flash_agree.py", *dev, "--batch", "4" if big else "3", *standin], 55, "flash"),
+             agree + standin, 55, "flash"),
+    ] + ([] if cpu else [
+        Step("sdpa_vs_fp32", f"flash_attn does not import: the same comparison on the {flavor} shapes with "
+             "tests/flash_standin.py (plain torch) in flash's place, so the CUDA SDPA kernels under the project's "
+             "masks are checked against an fp32 reference (the 'flash' column is the stand-in, not flash-attn)",
+             agree + ["--flash-standin"], 55, "noflash"),
+    ]) + [
         Step("gen_step_flash", f"gen_stage2 training step at {flavor} dims (random weights), flash-attn: step time, "
              "samples/s, peak memory, MFU; activation checkpointing on and off; batch sizes until out of memory",
-             gen("flash", "32,64,128,256" if big else "2"), 105, "flash"),
-        Step("gen_step_sdpa", "the same with SDPA (batch 32 and 128)",
-             gen("sdpa", "32,128" if big else "2"), 80),
+             gen("flash", "32,64,128,256" if big else "2"), 90, "flash"),
+        Step("gen_step_sdpa", "the same with SDPA",
+             gen("sdpa", "32,64,128,256" if big else "2"), 95),
         Step("recon_stage2_448", f"recon_stage2_448 training step at {flavor} (encoder + decoder, distillation, "
              "GAN from step 0, checkpointing): step time, samples/s, peak memory, MFU; batch 8 / 16 / 32",
              [PY, "benchmarks/recon_step.py", "--config", "recon_stage2_448", *dev,
@@ -108,7 +121,12 @@ def plan(device: str = "cuda", flavor: str = "1b", out: str = "gpu_check_out") -
              + (" (CPU: over gloo)" if cpu else ""),
              [PY, "benchmarks/nccl_check.py", "--work", f"{out}/nccl_work", "--steps", "4", "--timeout", "55"]
              + (["--cpu"] if cpu else []), 60, "" if cpu else "2gpu"),
-    ]
+    ] + ([] if cpu else [
+        Step("train_1gpu", "one GPU: the same trainer run as one process (torchrun, DeepSpeed ZeRO-2, bf16, NCCL "
+             "group of 1): the trainer's CUDA path, its MFU / memory lines and run summary",
+             [PY, "benchmarks/nccl_check.py", "--work", f"{out}/train_1gpu_work", "--nproc", "1", "--steps", "4",
+              "--timeout", "55"], 60, "1gpu"),
+    ])
 
 
 def display(argv: List[str], python: str) -> str:
@@ -123,12 +141,21 @@ def display(argv: List[str], python: str) -> str:
     return " ".join(shlex.quote(py if a == PY else a) for a in argv)
 
 
+def worst_total(steps: List[Step]) -> int:
+    """The budget on the machine that runs the most: of the steps that exclude each other
+    (flash imports or not; 2 GPUs or exactly 1), the costlier side counts."""
+    by = {n: sum(s.budget_s for s in steps if s.needs == n) for n in ("flash", "noflash", "2gpu", "1gpu")}
+    return sum(s.budget_s for s in steps if s.needs in ("", None)) + max(by["flash"], by["noflash"]) + \
+        max(by["2gpu"], by["1gpu"])
+
+
 def print_plan(steps: List[Step], python: str, scale: float, device: str, flavor: str) -> None:
-    total = sum(s.budget_s for s in steps)
+    total = worst_total(steps)
     print(f"gpu_check plan ({device}, flavor {flavor}): {len(steps)} steps in this order, each a subprocess with "
-          f"its own time budget; total budget {total * scale:.0f} s (limit {TOTAL_BUDGET_S * scale:.0f} s)")
+          f"its own time budget; total budget {total * scale:.0f} s on the machine that runs the most (limit {TOTAL_BUDGET_S * scale:.0f} s)")
     for i, s in enumerate(steps, 1):
-        needs = {"flash": "  [skipped unless flash_attn imports]", "2gpu": "  [skipped with fewer than 2 GPUs]"}
+        needs = {"flash": "  [skipped unless flash_attn imports]", "noflash": "  [only when flash_attn does not import]",
+                 "2gpu": "  [skipped with fewer than 2 GPUs]", "1gpu": "  [only with exactly 1 GPU]"}
         print(f"{i:>2}. {s.name:<17} budget {s.budget_s * scale:>4.0f} s{needs.get(s.needs, '')}")
         print(f"    {s.what}")
         print(f"    $ {display(s.argv, python)}")
@@ -207,6 +234,10 @@ def skip_reason(step: Step, env_info: Dict[str, Any], device: str) -> str:
         return ""
     if step.needs == "flash" and env_info.get("flash_attn_import") != "ok":
         return f"flash_attn does not import ({env_info.get('flash_attn_import', 'unknown')})"
+    if step.needs == "noflash" and env_info.get("flash_attn_import") == "ok":
+        return "flash_attn imports: flash_vs_sdpa runs instead"
+    if step.needs == "1gpu" and int(env_info.get("device_count", 0)) != 1:
+        return f"runs on a one-GPU machine only (nccl_2gpu covers more), found {env_info.get('device_count', 0)}"
     if step.needs == "2gpu" and int(env_info.get("device_count", 0)) < 2:
         return f"needs 2 CUDA devices, found {env_info.get('device_count', 0)}"
     return ""
@@ -237,11 +268,12 @@ def figure_tables(r: Result) -> List[str]:
         devs = ", ".join(f"{d['name']} ({d['memory_gib']} GiB, sm {d['capability']})" for d in e.get("devices", []))
         return [f"torch {e.get('torch')} (CUDA {e.get('torch_cuda')}, cuDNN {e.get('cudnn', 'n/a')}, NCCL "
                 f"{e.get('nccl', 'n/a')}), python {e.get('python')}; devices: {devs or 'none'}; peak bf16 "
-                f"{_f(e.get('peak_tflops_bf16'))} TFLOPS ({e.get('peak_source', 'n/a')}); flash_attn "
+                f"{_f(e.get('peak_tflops_bf16'))} TFLOPS ({e.get('peak_source', 'n/a')}), measured bf16 matmul "
+                f"{_f(e.get('matmul_bf16_tflops'))} TFLOPS (8192^3, random data); flash_attn "
                 f"{e.get('flash_attn') or 'not installed'} (import: {e.get('flash_attn_import')}); transformers "
                 f"{e.get('transformers')}, diffusers {e.get('diffusers')}, deepspeed {e.get('deepspeed')}; "
                 f"nvidia-smi: {e.get('nvidia_smi', 'n/a')}", "", f"`{r.command}`"]
-    if r.name == "flash_vs_sdpa":
+    if r.name in ("flash_vs_sdpa", "sdpa_vs_fp32"):
         lines = ["| task | pass | prompt lengths | hidden: max abs / rel L2 (flash vs sdpa) | grad: max abs / rel L2 "
                  "| rel L2 to fp32: flash / sdpa (hidden; grad) | worst tensor | command |", "|---|---|---|---|---|---|---|---|"]
         for f in rows:
@@ -285,11 +317,16 @@ def figure_tables(r: Result) -> List[str]:
                              f"{_f(e['samples_per_s'].get(lvl), '{:.4g}')} | {_f(e['measured_speedup'].get(lvl))}x | "
                              f"{_f(e['predicted_speedup'].get(lvl))}x |")
         return lines
-    if r.name == "nccl_2gpu":
+    if r.name in ("nccl_2gpu", "train_1gpu"):
         f = rows[-1]
-        return [f"world size {f.get('world_size')} over {f.get('backend')}: {f.get('steps')} steps, final loss "
-                f"{_f(f.get('final_loss'))} (finite: {_f(f.get('loss_finite'))}), {_f(f.get('samples_per_s'))} "
-                f"samples/s, step {_f(f.get('step_time_s'))} s, {f.get('wall_s')} s wall", "", f"`{f.get('command')}`"]
+        lines = [f"world size {f.get('world_size')} over {f.get('backend')}: {f.get('steps')} steps, final loss "
+                 f"{_f(f.get('final_loss'))} (finite: {_f(f.get('loss_finite'))}), {_f(f.get('samples_per_s'))} "
+                 f"samples/s, step {_f(f.get('step_time_s'))} s, MFU {_pct(f.get('mfu'))}, peak reserved "
+                 f"{_f(f.get('peak_reserved_gb'))} GB, {f.get('wall_s')} s wall", "", f"`{f.get('command')}`"]
+        if f.get("run_summary"):
+            from unilip_ds.tracking import summary_lines
+            lines += ["", *[f"    {x}" for x in summary_lines(f["run_summary"])]]
+        return lines
     return ["```", *[json.dumps(f) for f in rows], "```"]
 
 

@@ -1,7 +1,9 @@
 """The machine a device check ran on, as one JSON line: torch / CUDA / cuDNN / NCCL versions,
 the devices (name, memory, capability), the dense bf16 peak the project's table gives the first
 one (unilip_ds.tracking.PEAK_TFLOPS), whether flash_attn imports (and its version or error),
-transformers / diffusers / deepspeed versions, the driver from nvidia-smi.
+transformers / diffusers / deepspeed versions, the driver from nvidia-smi, and the bf16 matrix
+rate this card reaches (8192^3 products on random data, median of 10 timed with CUDA events
+after 3 warm-ups): the ceiling an MFU against the datasheet peak is to be read beside.
 
     .venv/bin/python benchmarks/gpu_env.py
 """
@@ -23,6 +25,23 @@ def version(dist: str):
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return None
+
+
+def matmul_tflops(torch, n: int = 8192, warmup: int = 3, reps: int = 10) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(warmup):
+        a @ b
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return round(2 * n ** 3 / times[len(times) // 2] / 1e12, 1)
 
 
 def main() -> int:
@@ -50,6 +69,7 @@ def main() -> int:
                                    "capability": f"{p.major}.{p.minor}", "sms": p.multi_processor_count})
         from unilip_ds.tracking import peak_tflops
         out["peak_tflops_bf16"], out["peak_source"] = peak_tflops(torch.device("cuda", 0), "bf16")
+        out["matmul_bf16_tflops"] = matmul_tflops(torch)
         if shutil.which("nvidia-smi"):
             q = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,power.limit,clocks.max.sm,mig.mode.current",
                                 "--format=csv,noheader"], capture_output=True, text=True, timeout=20)

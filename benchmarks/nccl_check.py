@@ -1,9 +1,12 @@
 """A 2-process NCCL run: tiny recon_stage1 trained by launch/train.py under torchrun, DeepSpeed
 ZeRO-2, one GPU per process (the trainer's process group is NCCL whenever CUDA is there), on
-a few shards of the bundled sample photos. One JSON line: the steps done, the loss, samples/s
-from metrics.jsonl and the exact torchrun command.
+a few shards of the bundled sample photos. One JSON line: the steps done, the loss, samples/s,
+MFU and peak memory from metrics.jsonl, the run summary (run_summary.jsonl) and the exact
+torchrun command. `--nproc 1`: the same trainer run as one process (the CUDA path of the
+trainer, DeepSpeed and the hardware meter on a one-GPU machine).
 
     .venv/bin/python benchmarks/nccl_check.py --work /tmp/nccl_check
+    .venv/bin/python benchmarks/nccl_check.py --work /tmp/train_1gpu --nproc 1
 
 Needs `--nproc` CUDA devices (prints a `skipped` line and exits 0 with fewer).
 """
@@ -67,7 +70,11 @@ def main() -> int:
     result = {"world_size": args.nproc, "backend": "gloo" if args.cpu else "nccl", "rc": proc.returncode, "steps": len(rows),
               "final_loss": loss, "loss_finite": loss is not None and math.isfinite(loss),
               "samples_per_s": last.get("samples_per_s"), "step_time_s": last.get("step_time_s"),
-              "wall_s": round(wall, 1), "command": shown}
+              "mfu": last.get("mfu"), "tflops_per_device": last.get("tflops_per_device"),
+              "peak_reserved_gb": last.get("mem/peak_reserved_gb"), "wall_s": round(wall, 1), "command": shown}
+    summary = out / "run_summary.jsonl"
+    if summary.is_file() and summary.read_text().strip():
+        result["run_summary"] = json.loads(summary.read_text().splitlines()[-1])
     print(json.dumps(result), flush=True)
     if proc.returncode != 0 or len(rows) != args.steps or not result["loss_finite"]:
         sys.stderr.write(proc.stdout[-3000:] + "\n" + proc.stderr[-6000:])
