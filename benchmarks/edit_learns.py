@@ -256,18 +256,29 @@ def edit_pairs(data: str, count: int, seed: int, edits: str = "flips", mix_mosai
 
 def heldout_edit(task, model, data: str, count: int, steps: int, lr: float, batch: int = 8, seed: int = 0,
                  sample_steps: int = 20, guidance: float = 1.0, log=None, edits: str = "flips",
-                 mix_mosaic: float = 0.0, grids: Sequence[int] = (2, 4, 8)) -> Dict[str, float]:
+                 mix_mosaic: float = 0.0, grids: Sequence[int] = (2, 4, 8),
+                 identity_steps: int = 0) -> Dict[str, float]:
     """Generalisation: edits trained on `count` pairs (random minibatches; edit_pairs), then
     applied to held-out inputs. Image PSNR of the output against the true target and against
-    the input, and the copy baseline (input vs target); the same in latent space."""
+    the input, and the copy baseline (input vs target); the same in latent space.
+    `identity_steps`: a curriculum, that many steps of identity edits of the same training
+    inputs first (the layout routed), then `steps` of the edits."""
     (tr_in, tr_text, tr_out), (te_in, te_text, te_out) = edit_pairs(data, count, seed, edits, mix_mosaic, grids)
     r = model.resolution
     x_in, x_out = to_tensor(tr_in, r), to_tensor(tr_out, r)
     e_in, e_out = to_tensor(te_in, r), to_tensor(te_out, r)
     builder = task.prompts()
     torch.manual_seed(seed)
+    t_start = time.time()
+    if identity_steps:
+        from unilip_ds.data.sample_images import IDENTITY_EDIT
+        x0, state = pool(model, builder, "edit", [IDENTITY_EDIT[0]] * len(tr_in), x_in, x_in)
+        if log:
+            log(f"  identity first: {identity_steps} steps")
+        fit(model, x0, state, identity_steps, lr, log, batch=batch)
     x0, state = pool(model, builder, "edit", tr_text, x_out, x_in)
-    losses, t0 = fit(model, x0, state, steps, lr, log, batch=batch)
+    losses, _ = fit(model, x0, state, steps, lr, log, batch=batch)
+    t0 = t_start
     with torch.no_grad():
         z = sample_latents(model, builder, "edit", te_text, e_in, steps=sample_steps, guidance=guidance, seed=seed)
         out = model.decode(z)
@@ -424,6 +435,8 @@ def main(argv=None) -> int:
                    "pairs unchanged)")
     h.add_argument("--mosaic-grids", type=int, nargs="+", default=[2, 4, 8],
                    help="each mosaic's grid (cells per side) is drawn from these")
+    h.add_argument("--identity-steps", type=int, default=0,
+                   help="a curriculum: this many steps of identity edits of the training inputs first")
     h.add_argument("--task", choices=("edit", "t2i"), default="edit", help="t2i: shapes' captions -> scenes")
     h.add_argument("--count", type=int, default=200)
     h.add_argument("--steps", type=int, default=1500)
@@ -473,7 +486,7 @@ def main(argv=None) -> int:
             if args.task == "edit":
                 res = heldout_edit(task, model, args.data, args.count, args.steps, args.lr, args.batch,
                                    guidance=args.guidance, log=say, edits=args.edits, mix_mosaic=args.mix_mosaic,
-                                   grids=args.mosaic_grids)
+                                   grids=args.mosaic_grids, identity_steps=args.identity_steps)
             else:
                 res = heldout_t2i(task, model, args.count, args.steps, args.lr, args.batch, guidance=args.guidance,
                                   log=say)
