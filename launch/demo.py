@@ -12,7 +12,10 @@
   3. reconstructions of held-out photos next to the originals;
   4. gen_stage1 -> gen_stage2 (T2I + edit) on the tiny flavors, the MLLM's vision path being
      the recon_stage2 export, each stage exported as a UniLIPPipeline directory; gen_stage2
-     reads caches of the frozen outputs built from the stage-1 export (data_prep/cache_features.py);
+     runs twice, first with identity edits ("keep the image as it is": the DiT learns to take
+     each place of its output from the same place of the reference), then with the colour
+     edits from that export; each reads caches of the frozen outputs
+     (data_prep/cache_features.py);
   5. images generated from the held-out captions, and the held-out photos edited, written
      next to their inputs as one PNG grid; the edit is scored against copying the input.
 
@@ -21,7 +24,8 @@ full output goes to <out>/demo.log. Each run's plots (python -m unilip_ds.plot) 
 to <out>/runs/<stage>/plots/.
 
     python launch/demo.py [--out demo_out] [--nproc 2] [--stage1-steps 400] [--stage2-steps 100]
-                          [--gen1-steps 40] [--gen2-steps 1200] [--gen2-lr 1e-3]
+                          [--gen1-steps 40] [--gen2-identity-steps 1500] [--gen2-steps 1500]
+                          [--gen2-lr 1e-3]
 """
 
 from __future__ import annotations
@@ -104,8 +108,10 @@ def write_images(dst: Path, count: int) -> None:
             (dst / view / f"{name}.txt").write_text(s.caption + "\n")
 
 
-# per task: (cache set, level): latents for T2I, the prompt prefix too for edit
-CACHE = {"t2i": ("s3://demo/cache/t2i/", "latents"), "edit": ("s3://demo/cache/edit/", "prefix")}
+# per task, the cache level: latents for T2I, the prompt prefix too for edit (each gen_stage2
+# run's caches under s3://demo/cache/<run>/<task>/)
+CACHE = {"t2i": "latents", "edit": "prefix"}
+IDENTITY_RUN = "gen_stage2_identity"
 GEN_COMMON = ["train.micro_batch_size=4", "train.precision=fp32", "train.log_every=20",
               "optim.weight_decay=0.0", "checkpoint.every_steps=200", "wandb.mode=offline",
               "data.num_workers=1", "data.shuffle_buffer=64", "gen.sample_steps=10"]
@@ -113,13 +119,19 @@ GEN_COMMON = ["train.micro_batch_size=4", "train.precision=fp32", "train.log_eve
 
 def write_edit_images(dst: Path, count: int) -> None:
     """Colour edits (COLOUR_EDITS) of the training photos (and their variants) and of the
-    held-out photos. Not flips: a tiny generator trained for CPU minutes learns an edit that
-    keeps the layout, not one that moves it (benchmarks/edit_learns.py, README)."""
-    from unilip_ds.data.sample_images import COLOUR_EDITS, write_flip_edit_folder
-    write_flip_edit_folder(dst / "train", count=count, edits=COLOUR_EDITS,
-                           keep=lambda s: s.key.split("_")[0] not in HELD_OUT)
+    held-out photos, and identity edits of the training photos (the first gen_stage2 run).
+    Not flips: a tiny generator trained for CPU minutes learns an edit that keeps the
+    layout, not one that moves it (benchmarks/edit_learns.py, README)."""
+    from unilip_ds.data.sample_images import COLOUR_EDITS, IDENTITY_EDIT, write_flip_edit_folder
+    train = lambda s: s.key.split("_")[0] not in HELD_OUT  # noqa: E731
+    write_flip_edit_folder(dst / "train", count=count, edits=COLOUR_EDITS, keep=train)
+    write_flip_edit_folder(dst / "identity", count=count, edits=(IDENTITY_EDIT,), keep=train)
     write_flip_edit_folder(dst / "heldout", edits=COLOUR_EDITS,  # the originals
                            keep=lambda s: s.key.split("_")[0] in HELD_OUT)
+
+
+def cache_url(run: str, task: str) -> str:
+    return f"s3://demo/cache/{run}/{task}/"
 
 
 def evals(run_dir: Path, key: str) -> list:
@@ -178,37 +190,51 @@ def generator_demo(out: Path, args, env, log: Path, bin_dir: Path, recon_common,
     write_edit_images(out / "images" / "edit", args.images)
     scale = latent_scale(recon_export, out / "images" / "edit" / "train" / "images")
     print(f"  gen_stage2 latent scale (1 / std of the recon export's latents): {scale:g}", flush=True)
-    for part in ("train", "heldout"):
+    for part in ("train", "heldout", "identity"):
         sh([sys.executable, "data_prep/shard_edit.py", "--src", out / "images" / "edit" / part,
             "--dst", f"s3://demo/shards/edit_{part}/", "--shard-size", "32", "--no-progress"], env, log)
     t2i = {"train": "s3://demo/shards/train/", "heldout": "s3://demo/shards/heldout/"}
-    edit = {p: f"s3://demo/shards/edit_{p}/" for p in ("train", "heldout")}
-    stages = (
-        ("gen_stage1", args.gen1_steps,
+    edit = {p: f"s3://demo/shards/edit_{p}/" for p in ("train", "heldout", "identity")}
+
+    def gen2(run: str, steps: int, edits: str, t2i_weight: float) -> list:
+        sources = [f"{{name: edit, task: edit, weight: {1 - t2i_weight:g}, urls: [{edit[edits]}], "
+                   f"cache: {cache_url(run, 'edit')}}}"]
+        if t2i_weight:
+            sources.append(f"{{name: t2i, task: t2i, weight: {t2i_weight:g}, urls: [{t2i['train']}], "
+                           f"cache: {cache_url(run, 't2i')}}}")
+        # a constant LR (min_lr = lr): the routing switches on after ~1000 steps at the full LR
+        # (benchmarks/edit_learns.py), which a cosine decay over the run's 1500 steps delays
+        return ["model.flavor=tiny", "data.resolution=224", "optim.warmup_steps=20", f"gen.latent_scale={scale}",
+                f"optim.lr={args.gen2_lr}", f"optim.min_lr={args.gen2_lr}", "data.train.mix=weight",
+                f"data.train.sources=[{', '.join(sources)}]",
+                "data.eval.sources=[{name: t2i, task: t2i, urls: [%s]}, {name: edit, task: edit, urls: [%s]}]"
+                % (t2i["heldout"], edit["heldout"]), f"train.sample_every={steps}"]
+    # the identity run trains edits alone; the colour edits share their run with T2I
+    stages = (  # (run, steps, its edit set (gen_stage2 runs), overrides)
+        ("gen_stage1", args.gen1_steps, None,
          ["model.flavor=tiny", f"model.internvl_path={internvl}", f"model.unilip_path={recon_export}",
           f"model.sana_path={assets / 'sana'}", f"model.dcae_path={assets / 'dcae'}", "data.resolution=256",
           f"data.train.urls=[{t2i['train']}]", f"data.eval.urls=[{t2i['heldout']}]", "optim.warmup_steps=10",
           "optim.lr=3e-4"]),
-        ("gen_stage2", args.gen2_steps,
-         ["model.flavor=tiny", "data.resolution=224", "optim.warmup_steps=20", f"gen.latent_scale={scale}",
-          f"optim.lr={args.gen2_lr}", "data.train.mix=weight",
-          "data.train.sources=[{name: t2i, task: t2i, weight: 0.5, urls: [%s], cache: %s}, "
-          "{name: edit, task: edit, weight: 0.5, urls: [%s], cache: %s}]"
-          % (t2i["train"], CACHE["t2i"][0], edit["train"], CACHE["edit"][0]),
-          "data.eval.sources=[{name: t2i, task: t2i, urls: [%s]}, {name: edit, task: edit, urls: [%s]}]"
-          % (t2i["heldout"], edit["heldout"]), f"train.sample_every={args.gen2_steps}"]))
+        (IDENTITY_RUN, args.gen2_identity_steps, "identity",
+         gen2(IDENTITY_RUN, args.gen2_identity_steps, "identity", 0.0)),
+        ("gen_stage2", args.gen2_steps, "train", gen2("gen_stage2", args.gen2_steps, "train", 0.4)))
     init: list = []
-    for stage, steps, extra in stages:
-        run_dir, export_dir = out / "runs" / stage, out / "exports" / stage
-        if stage == "gen_stage2":  # the frozen parts' outputs, computed once (caches)
-            for task, src in (("t2i", t2i["train"]), ("edit", edit["train"])):
-                dst, level = CACHE[task]
-                sh([sys.executable, "data_prep/cache_features.py", "--config", stage, "--task", task,
-                    "--src", src, "--dst", dst, "--what", level, "--dtype", "fp32", "--no-progress",
-                    "model.flavor=tiny", "data.resolution=224", f"gen.latent_scale={scale}", *init], env, log)
-        sh([bin_dir / "torchrun", "--nproc_per_node", args.nproc, "launch/train.py", "--config", stage,
+    for run, steps, edits, extra in stages:
+        run_dir, export_dir = out / "runs" / run, out / "exports" / run
+        if not steps:
+            continue
+        if edits:  # the frozen parts' outputs, computed once (caches)
+            sources = [("edit", edit[edits])] + ([] if run == IDENTITY_RUN else [("t2i", t2i["train"])])
+            for task, src in sources:
+                sh([sys.executable, "data_prep/cache_features.py", "--config", "gen_stage2", "--task", task,
+                    "--src", src, "--dst", cache_url(run, task), "--what", CACHE[task], "--dtype", "fp32",
+                    "--no-progress", "model.flavor=tiny", "data.resolution=224", f"gen.latent_scale={scale}",
+                    *init], env, log)
+        sh([bin_dir / "torchrun", "--nproc_per_node", args.nproc, "launch/train.py", "--config",
+            "gen_stage2" if edits else "gen_stage1",
             "--ds_config", "ds_configs/zero2.json", *GEN_COMMON, *extra, *init, f"run.output_dir={run_dir}",
-            f"train.max_steps={steps}", f"train.eval_every={max(1, steps // 4)}"], env, log, label=stage)
+            f"train.max_steps={steps}", f"train.eval_every={max(1, steps // 4)}"], env, log, label=run)
         print(f"  plots: {plot(run_dir)}", flush=True)
         sh([sys.executable, "launch/export.py", "--run", run_dir, "--out", export_dir], env, log)
         init = [f"model.init_from={export_dir}"]
@@ -263,7 +289,9 @@ def main() -> int:
     ap.add_argument("--stage1-steps", type=int, default=400)
     ap.add_argument("--stage2-steps", type=int, default=100)
     ap.add_argument("--gen1-steps", type=int, default=40)
-    ap.add_argument("--gen2-steps", type=int, default=1200)
+    ap.add_argument("--gen2-identity-steps", type=int, default=1500,
+                    help="the first gen_stage2 run, on identity edits alone (0: none)")
+    ap.add_argument("--gen2-steps", type=int, default=1500)
     ap.add_argument("--gen2-lr", type=float, default=1e-3)
     args = ap.parse_args()
 
@@ -289,9 +317,9 @@ def main() -> int:
 
         # the tiny InternVL3 stand-in: the recon encoder starts from its vision path (a fixed
         # sin-cos position table, as a pretrained ViT has one) and the generator's LLM is its
-        from unilip_ds.data.sample_images import COLOUR_EDITS, PHOTOS
+        from unilip_ds.data.sample_images import COLOUR_EDITS, IDENTITY_EDIT, PHOTOS
         from unilip_ds.models import tiny_assets as T
-        corpus = [c for _, c in PHOTOS] + [instruction for instruction, _ in COLOUR_EDITS]
+        corpus = [c for _, c in PHOTOS] + [instruction for instruction, _ in COLOUR_EDITS + (IDENTITY_EDIT,)]
         internvl = T.save_tiny_internvl(out / "assets" / "internvl", corpus=corpus)
         common = ["model.flavor=tiny", "model.perceptual_pretrained=false", "data.num_workers=1",
                   "data.shuffle_buffer=64", "data.train.urls=[s3://demo/shards/train/]",
@@ -337,7 +365,9 @@ def main() -> int:
             print(f"  W&B (offline; `wandb sync {wandb_runs[-1]}`): {wandb_runs[-1]}")
     grids = sorted(recon_dir.glob("*grid*.png"))
     print(f"side-by-side originals | reconstructions: {grids[0] if grids else recon_dir}")
-    for stage in ("gen_stage1", "gen_stage2"):
+    for stage in ("gen_stage1", IDENTITY_RUN, "gen_stage2"):
+        if not (out / "runs" / stage).is_dir():
+            continue
         rows = evals(out / "runs" / stage, "eval/flow")
         if rows:
             print(f"{stage}: held-out flow loss {rows[0]['eval/flow']:.4f} at step {rows[0]['step']} -> "
@@ -347,7 +377,7 @@ def main() -> int:
     rows = [json.loads(x) for x in (out / "runs" / "gen_stage2" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "data/cached_latents" in r]
     if rows:
-        print(f"gen_stage2 read its frozen outputs from caches ({', '.join(c for c, _ in CACHE.values())}): "
+        print(f"gen_stage2 read its frozen outputs from caches ({', '.join(cache_url('gen_stage2', t) for t in CACHE)}): "
               f"latents for {100 * sum(r['data/cached_latents'] for r in rows) / len(rows):.0f}% of the "
               f"samples, prefix for {100 * sum(r['data/cached_prefix'] for r in rows) / len(rows):.0f}%")
     print(f"edit, held-out photos: PSNR(edited, target) {gen['psnr_edit']:.2f} dB, PSNR(edited, input) "
