@@ -269,7 +269,7 @@ def heldout_edit(task, model, data: str, count: int, steps: int, lr: float, batc
     e_in, e_out = to_tensor(te_in, r), to_tensor(te_out, r)
     builder = task.prompts()
     torch.manual_seed(seed)
-    t_start = time.time()
+    t0 = time.time()
     if identity_steps:
         from unilip_ds.data.sample_images import IDENTITY_EDIT
         x0, state = pool(model, builder, "edit", [IDENTITY_EDIT[0]] * len(tr_in), x_in, x_in)
@@ -278,7 +278,6 @@ def heldout_edit(task, model, data: str, count: int, steps: int, lr: float, batc
         fit(model, x0, state, identity_steps, lr, log, batch=batch)
     x0, state = pool(model, builder, "edit", tr_text, x_out, x_in)
     losses, _ = fit(model, x0, state, steps, lr, log, batch=batch)
-    t0 = t_start
     with torch.no_grad():
         z = sample_latents(model, builder, "edit", te_text, e_in, steps=sample_steps, guidance=guidance, seed=seed)
         out = model.decode(z)

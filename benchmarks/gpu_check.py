@@ -152,10 +152,11 @@ def worst_total(steps: List[Step]) -> int:
 def print_plan(steps: List[Step], python: str, scale: float, device: str, flavor: str) -> None:
     total = worst_total(steps)
     print(f"gpu_check plan ({device}, flavor {flavor}): {len(steps)} steps in this order, each a subprocess with "
-          f"its own time budget; total budget {total * scale:.0f} s on the machine that runs the most (limit {TOTAL_BUDGET_S * scale:.0f} s)")
+          f"its own time budget; total budget {total * scale:.0f} s on the machine that runs the most "
+          f"(limit {TOTAL_BUDGET_S * scale:.0f} s)")
     for i, s in enumerate(steps, 1):
-        needs = {"flash": "  [skipped unless flash_attn imports]", "noflash": "  [only when flash_attn does not import]",
-                 "2gpu": "  [skipped with fewer than 2 GPUs]", "1gpu": "  [only with exactly 1 GPU]"}
+        needs = {"flash": "  [skipped unless flash_attn imports]",
+                 "noflash": "  [only when flash_attn does not import]", "2gpu": "  [skipped with fewer than 2 GPUs]", "1gpu": "  [only with exactly 1 GPU]"}
         print(f"{i:>2}. {s.name:<17} budget {s.budget_s * scale:>4.0f} s{needs.get(s.needs, '')}")
         print(f"    {s.what}")
         print(f"    $ {display(s.argv, python)}")
