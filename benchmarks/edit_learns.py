@@ -448,7 +448,7 @@ def main(argv=None) -> int:
     h.add_argument("--extra", nargs="*", default=[], help="config overrides (e.g. model widths are the flavor's)")
     e = sub.add_parser("export")
     e.add_argument("--ckpt", required=True)
-    e.add_argument("--edits", default=None, help="edits.json of held-out pairs (write_flip_edit_folder layout)")
+    e.add_argument("--edits", default=None, help="edits.json of held-out pairs (write_edit_pairs_folder layout)")
     e.add_argument("--captions", nargs="*", default=None, help="held-out captions (default: the demo's)")
     e.add_argument("--steps", type=int, default=20)
     e.add_argument("--guidance", type=float, default=4.5)

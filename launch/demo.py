@@ -122,11 +122,11 @@ def write_edit_images(dst: Path, count: int) -> None:
     held-out photos, and identity edits of the training photos (the first gen_stage2 run).
     Not flips: a tiny generator trained for CPU minutes learns an edit that keeps the
     layout, not one that moves it (benchmarks/edit_learns.py, README)."""
-    from unilip_ds.data.sample_images import COLOUR_EDITS, IDENTITY_EDIT, write_flip_edit_folder
+    from unilip_ds.data.sample_images import COLOUR_EDITS, IDENTITY_EDIT, write_edit_pairs_folder
     train = lambda s: s.key.split("_")[0] not in HELD_OUT  # noqa: E731
-    write_flip_edit_folder(dst / "train", count=count, edits=COLOUR_EDITS, keep=train)
-    write_flip_edit_folder(dst / "identity", count=count, edits=(IDENTITY_EDIT,), keep=train)
-    write_flip_edit_folder(dst / "heldout", edits=COLOUR_EDITS,  # the originals
+    write_edit_pairs_folder(dst / "train", count=count, edits=COLOUR_EDITS, keep=train)
+    write_edit_pairs_folder(dst / "identity", count=count, edits=(IDENTITY_EDIT,), keep=train)
+    write_edit_pairs_folder(dst / "heldout", edits=COLOUR_EDITS,  # the originals
                            keep=lambda s: s.key.split("_")[0] in HELD_OUT)
 
 

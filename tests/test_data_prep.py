@@ -279,7 +279,7 @@ FLIPS = {"flip the image horizontally": lambda a: a[:, ::-1],
 
 
 def test_flip_edit_folder_is_deterministic_and_exact(tmp_path):
-    src = sample_images.write_flip_edit_folder(tmp_path / "a", count=40, size=32, seed=3)
+    src = sample_images.write_edit_pairs_folder(tmp_path / "a", count=40, size=32, seed=3)
     assert src == tmp_path / "a" / "edits.json"
     records = json.loads(src.read_text())
     assert len(records) == 40 and len({r["id"] for r in records}) == 40
@@ -299,15 +299,15 @@ def test_flip_edit_folder_is_deterministic_and_exact(tmp_path):
     stems = {t: {r["id"].rsplit("_", 1)[0] for r in v} for t, v in by_text.items()}
     assert set.intersection(*stems.values())
     # the same arguments write the same bytes; another seed draws other edits
-    again = sample_images.write_flip_edit_folder(tmp_path / "b", count=40, size=32, seed=3)
+    again = sample_images.write_edit_pairs_folder(tmp_path / "b", count=40, size=32, seed=3)
     assert again.read_text() == src.read_text()
     for r in records:
         for k in ("input", "output"):
             assert (again.parent / r[k]).read_bytes() == (src.parent / r[k]).read_bytes()
-    other = json.loads(sample_images.write_flip_edit_folder(
+    other = json.loads(sample_images.write_edit_pairs_folder(
         tmp_path / "c", count=40, size=32, seed=4).read_text())
     assert [r["instruction"] for r in other] != [r["instruction"] for r in records]
-    only_h = json.loads(sample_images.write_flip_edit_folder(
+    only_h = json.loads(sample_images.write_edit_pairs_folder(
         tmp_path / "d", count=6, size=32, vertical=False).read_text())
     assert {r["instruction"] for r in only_h} == {"flip the image horizontally"}
 
@@ -318,7 +318,7 @@ COLOURS = {"invert the colours": lambda a: 255.0 - a,
 
 
 def test_colour_edit_folder_is_exact_and_keeps_the_layout(tmp_path):
-    src = sample_images.write_flip_edit_folder(tmp_path / "a", count=24, size=32, seed=3,
+    src = sample_images.write_edit_pairs_folder(tmp_path / "a", count=24, size=32, seed=3,
                                                edits=sample_images.COLOUR_EDITS)
     records = json.loads(src.read_text())
     assert {r["instruction"] for r in records} == set(COLOURS)
@@ -336,7 +336,7 @@ def test_flip_edit_folder_through_shard_edit_cli_and_decoder(tmp_path):
     from unilip_ds.data.decode import Decoder
 
     raw, dst = tmp_path / "raw", tmp_path / "dst"
-    sample_images.write_flip_edit_folder(raw, count=25, size=48, seed=0)
+    sample_images.write_edit_pairs_folder(raw, count=25, size=48, seed=0)
     cmd = [sys.executable, str(REPO / "data_prep" / "shard_edit.py"), "--src", str(raw),
            "--dst", str(dst), "--shard-size", "10", "--workers", "1", "--no-progress"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)

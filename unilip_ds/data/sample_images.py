@@ -7,7 +7,7 @@ benchmark (nothing can be downloaded here).
 - `write_caption_tars`: the same samples as BLIP3o-style tars (`jpg` + `txt` members).
 - `write_edit_folder`: GPT-Image-Edit-style json + image folders whose edits are real
   (flip, grayscale, rotate, invert...) and whose instructions say what was done.
-- `write_flip_edit_folder`: the same layout with one simple, exactly learnable edit per
+- `write_edit_pairs_folder`: the same layout with one simple, exactly learnable edit per
   sample, picked by a seeded draw per sample from an edit set, so a model must read the
   instruction: FLIP_EDITS ("flip the image horizontally" / "turn the image upside down":
   the layout moves) or COLOUR_EDITS ("invert the colours" / "make the image black and
@@ -290,7 +290,7 @@ def write_edit_folder(dst: os.PathLike, count: Optional[int] = None,
                               for i, s in enumerate(samples(count, size, seed))), 90)
 
 
-def write_flip_edit_folder(dst: os.PathLike, count: Optional[int] = None,
+def write_edit_pairs_folder(dst: os.PathLike, count: Optional[int] = None,
                            size: Optional[int] = None, seed: int = 0,
                            vertical: bool = True, quality: int = 95,
                            keep: Optional[Callable[[Sample], bool]] = None,
