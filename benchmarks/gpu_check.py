@@ -145,7 +145,7 @@ def worst_total(steps: List[Step]) -> int:
     """The budget on the machine that runs the most: of the steps that exclude each other
     (flash imports or not; 2 GPUs or exactly 1), the costlier side counts."""
     by = {n: sum(s.budget_s for s in steps if s.needs == n) for n in ("flash", "noflash", "2gpu", "1gpu")}
-    return sum(s.budget_s for s in steps if s.needs in ("", None)) + max(by["flash"], by["noflash"]) + \
+    return sum(s.budget_s for s in steps if not s.needs) + max(by["flash"], by["noflash"]) + \
         max(by["2gpu"], by["1gpu"])
 
 

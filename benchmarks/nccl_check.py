@@ -72,9 +72,9 @@ def main() -> int:
               "samples_per_s": last.get("samples_per_s"), "step_time_s": last.get("step_time_s"),
               "mfu": last.get("mfu"), "tflops_per_device": last.get("tflops_per_device"),
               "peak_reserved_gb": last.get("mem/peak_reserved_gb"), "wall_s": round(wall, 1), "command": shown}
-    summary = out / "run_summary.jsonl"
-    if summary.is_file() and summary.read_text().strip():
-        result["run_summary"] = json.loads(summary.read_text().splitlines()[-1])
+    summary = (out / "run_summary.jsonl").read_text().splitlines() if (out / "run_summary.jsonl").is_file() else []
+    if summary:
+        result["run_summary"] = json.loads(summary[-1])
     print(json.dumps(result), flush=True)
     if proc.returncode != 0 or len(rows) != args.steps or not result["loss_finite"]:
         sys.stderr.write(proc.stdout[-3000:] + "\n" + proc.stderr[-6000:])

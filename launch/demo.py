@@ -209,28 +209,26 @@ def generator_demo(out: Path, args, env, log: Path, bin_dir: Path, recon_common,
                 f"data.train.sources=[{', '.join(sources)}]",
                 "data.eval.sources=[{name: t2i, task: t2i, urls: [%s]}, {name: edit, task: edit, urls: [%s]}]"
                 % (t2i["heldout"], edit["heldout"]), f"train.sample_every={steps}"]
-    # the identity run trains edits alone; the colour edits share their run with T2I
-    stages = (  # (run, steps, its edit set (gen_stage2 runs), overrides)
-        ("gen_stage1", args.gen1_steps, None,
-         ["model.flavor=tiny", f"model.internvl_path={internvl}", f"model.unilip_path={recon_export}",
-          f"model.sana_path={assets / 'sana'}", f"model.dcae_path={assets / 'dcae'}", "data.resolution=256",
-          f"data.train.urls=[{t2i['train']}]", f"data.eval.urls=[{t2i['heldout']}]", "optim.warmup_steps=10",
-          "optim.lr=3e-4"]),
-        (IDENTITY_RUN, args.gen2_identity_steps, "identity",
-         gen2(IDENTITY_RUN, args.gen2_identity_steps, "identity", 0.0)),
-        ("gen_stage2", args.gen2_steps, "train", gen2("gen_stage2", args.gen2_steps, "train", 0.4)))
+    gen1 = ["model.flavor=tiny", f"model.internvl_path={internvl}", f"model.unilip_path={recon_export}",
+            f"model.sana_path={assets / 'sana'}", f"model.dcae_path={assets / 'dcae'}", "data.resolution=256",
+            f"data.train.urls=[{t2i['train']}]", f"data.eval.urls=[{t2i['heldout']}]", "optim.warmup_steps=10",
+            "optim.lr=3e-4"]
+    # (run, steps, its edit set (gen_stage2 runs), T2I's share): the identity run trains edits
+    # alone; the colour edits share their run with T2I
+    stages = (("gen_stage1", args.gen1_steps, None, 1.0), (IDENTITY_RUN, args.gen2_identity_steps, "identity", 0.0),
+              ("gen_stage2", args.gen2_steps, "train", 0.4))
     init: list = []
-    for run, steps, edits, extra in stages:
+    for run, steps, edits, t2i_weight in stages:
         run_dir, export_dir = out / "runs" / run, out / "exports" / run
         if not steps:
             continue
         if edits:  # the frozen parts' outputs, computed once (caches)
-            sources = [("edit", edit[edits])] + ([] if run == IDENTITY_RUN else [("t2i", t2i["train"])])
-            for task, src in sources:
+            for task, src in [("edit", edit[edits])] + ([("t2i", t2i["train"])] if t2i_weight else []):
                 sh([sys.executable, "data_prep/cache_features.py", "--config", "gen_stage2", "--task", task,
                     "--src", src, "--dst", cache_url(run, task), "--what", CACHE[task], "--dtype", "fp32",
                     "--no-progress", "model.flavor=tiny", "data.resolution=224", f"gen.latent_scale={scale}",
                     *init], env, log)
+        extra = gen2(run, steps, edits, t2i_weight) if edits else gen1
         sh([bin_dir / "torchrun", "--nproc_per_node", args.nproc, "launch/train.py", "--config",
             "gen_stage2" if edits else "gen_stage1",
             "--ds_config", "ds_configs/zero2.json", *GEN_COMMON, *extra, *init, f"run.output_dir={run_dir}",

@@ -319,7 +319,7 @@ COLOURS = {"invert the colours": lambda a: 255.0 - a,
 
 def test_colour_edit_folder_is_exact_and_keeps_the_layout(tmp_path):
     src = sample_images.write_edit_pairs_folder(tmp_path / "a", count=24, size=32, seed=3,
-                                               edits=sample_images.COLOUR_EDITS)
+                                                edits=sample_images.COLOUR_EDITS)
     records = json.loads(src.read_text())
     assert {r["instruction"] for r in records} == set(COLOURS)
     for r in records:

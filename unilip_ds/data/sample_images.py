@@ -291,10 +291,10 @@ def write_edit_folder(dst: os.PathLike, count: Optional[int] = None,
 
 
 def write_edit_pairs_folder(dst: os.PathLike, count: Optional[int] = None,
-                           size: Optional[int] = None, seed: int = 0,
-                           vertical: bool = True, quality: int = 95,
-                           keep: Optional[Callable[[Sample], bool]] = None,
-                           edits: Optional[Sequence[Tuple[str, Callable]]] = None) -> Path:
+                            size: Optional[int] = None, seed: int = 0,
+                            vertical: bool = True, quality: int = 95,
+                            keep: Optional[Callable[[Sample], bool]] = None,
+                            edits: Optional[Sequence[Tuple[str, Callable]]] = None) -> Path:
     """A learnable edit source, in write_edit_folder's layout (`edits.json` + `images/`,
     read by data_prep/shard_edit.py --src dst): each output is its input under one edit of
     `edits` (default FLIP_EDITS: flipped horizontally, or, when `vertical`, for about half
